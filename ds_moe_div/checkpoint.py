@@ -1,0 +1,121 @@
+"""Checkpoints through `engine.save_checkpoint`, with the trainer's client state beside DeepSpeed's.
+
+Layout: <run_dir>/checkpoints/<tag>/ holds DeepSpeed's files, `run_config.json` (the resolved experiment
+config and the architecture facts that must match to load), and `rng_rank<r>.pt` (each rank's RNG).
+The client state (step, data position, composer state) rides in DeepSpeed's own model-state file.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ds_moe_div.distributed import rng_state, set_rng_state
+
+# Model-config keys that decide parameter shapes; anything else (capacity, ep_size...) may change.
+ARCH_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "tie_embeddings", "moe.num_experts",
+             "moe.layer_pattern", "moe.first_dense_layers", "moe.use_residual")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def checkpoint_root(run_dir) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def latest_tag(root: Path) -> Optional[str]:
+    latest = root / "latest"
+    return latest.read_text().strip() if latest.is_file() else None
+
+
+def resolve_checkpoint(path) -> tuple[Path, str]:
+    """Accept a run dir, its checkpoints/ dir, or one tag dir; return (root, tag)."""
+    p = Path(path)
+    for root in (checkpoint_root(p), p):
+        tag = latest_tag(root)
+        if tag is not None:
+            return root, tag
+    if (p / "run_config.json").is_file():
+        return p.parent, p.name
+    raise CheckpointError(f"no checkpoint at {p}: expected a run dir, its checkpoints/ dir (with a 'latest' file) "
+                          f"or a checkpoint tag dir")
+
+
+def check_run_dir(run_dir, *, resume: bool) -> None:
+    """Refuse to start a fresh run over existing checkpoints, or to resume from none."""
+    tag = latest_tag(checkpoint_root(run_dir))
+    if tag is not None and not resume:
+        raise CheckpointError(f"{run_dir} already holds checkpoints (latest: {tag}); pass --resume to continue it, "
+                              f"or choose another train.run_dir. Nothing was changed.")
+    if tag is None and resume:
+        raise CheckpointError(f"--resume was given but {checkpoint_root(run_dir)} holds no checkpoint ('latest' "
+                              f"file missing); drop --resume to start a new run")
+
+
+def architecture(model_cfg: dict, vocab_size: int) -> dict:
+    flat = {"vocab_size": vocab_size}
+    for key in ARCH_KEYS[1:]:
+        node = model_cfg
+        for part in key.split("."):
+            node = node[part]
+        flat[key] = node
+    return flat
+
+
+def check_architecture(saved: dict, current: dict, where: Path) -> None:
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}" for k in ARCH_KEYS
+             if saved.get(k) != current.get(k)]
+    if diffs:
+        raise CheckpointError(f"checkpoint {where} does not match the model: " + "; ".join(diffs) +
+                              ". Use the checkpoint's model settings (see its run_config.json) or another checkpoint.")
+
+
+def save(engine, run_dir, *, step: int, client: dict, run_config: dict, arch: dict, rank: int) -> Path:
+    root = checkpoint_root(run_dir)
+    tag = f"global_step{step}"
+    engine.save_checkpoint(str(root), tag=tag, client_state={"ds_moe_div": client})
+    tag_dir = root / tag
+    tag_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(rng_state(), tag_dir / f"rng_rank{rank}.pt")
+    if rank == 0:
+        tmp = tag_dir / "run_config.json.tmp"
+        tmp.write_text(json.dumps({"config": run_config, "architecture": arch, "step": step}, indent=2))
+        os.replace(tmp, tag_dir / "run_config.json")
+    return tag_dir
+
+
+def _read_run_config(tag_dir: Path) -> dict:
+    try:
+        return json.loads((tag_dir / "run_config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{tag_dir}/run_config.json is missing or corrupt ({e}); the checkpoint was not "
+                              f"written completely: use an earlier tag") from None
+
+
+def load(engine, path, *, arch: dict, rank: int, module_only: bool) -> dict:
+    """Load a checkpoint into `engine`. `module_only`: weights only (a new run from these weights);
+    else the full state (resume), returning the client state and restoring this rank's RNG."""
+    root, tag = resolve_checkpoint(path)
+    tag_dir = root / tag
+    check_architecture(_read_run_config(tag_dir)["architecture"], arch, tag_dir)
+    try:
+        loaded, client = engine.load_checkpoint(str(root), tag=tag, load_module_only=module_only,
+                                                load_optimizer_states=not module_only,
+                                                load_lr_scheduler_states=not module_only)
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as e:
+        raise CheckpointError(f"cannot load checkpoint {tag_dir}: {type(e).__name__}: {e}. The files may be "
+                              f"truncated or from another model; use another tag (see {root})") from e
+    if loaded is None:
+        raise CheckpointError(f"DeepSpeed found no loadable checkpoint in {tag_dir}")
+    if module_only:
+        return {}
+    rng_file = tag_dir / f"rng_rank{rank}.pt"
+    if not rng_file.is_file():
+        raise CheckpointError(f"{rng_file} is missing: resume with the same number of ranks the run was saved with")
+    set_rng_state(torch.load(rng_file, weights_only=False))
+    return client["ds_moe_div"]

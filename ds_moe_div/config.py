@@ -1,0 +1,166 @@
+"""The experiment config: one tree of frozen dataclasses, loaded strictly from JSON or YAML.
+
+    cfg = load_experiment("ds_configs/experiments/tiny.json", overrides=["objectives.divergence.coef=0.01"])
+
+Vocabulary follows DeepSpeed: `num_experts`, `ep_size`, `k`, `l_aux`; loss weights are `*.coef`.
+Every objective is computed per MoE layer and combined over layers with `objectives.layer_reduction`
+(`mean`, the default, or `sum`) before its coefficient is applied. The DeepSpeed JSON is a separate,
+plain DeepSpeed file (see `ds_moe_div.ds_config`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from ds_moe_div.config_loader import load_config
+from ds_moe_div.data.config import DataConfig
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    num_experts: int = 8
+    k: int = 2
+    ep_size: int = 1
+    capacity_factor: float = 1.25
+    eval_capacity_factor: float = 2.0
+    min_capacity: int = 4
+    drop_tokens: bool = True
+    noisy_gate_policy: Optional[Literal["Jitter", "RSample"]] = None
+    # DeepSpeed samples the second expert with Gumbel noise by default; off here for determinism.
+    top2_2nd_expert_sampling: bool = False
+    use_rts: bool = True
+    use_residual: bool = False
+    layer_pattern: Literal["all", "every_other"] = "all"
+    first_dense_layers: int = 0
+
+    def __post_init__(self):
+        _require(self.num_experts >= 2, "num_experts must be >= 2")
+        _require(1 <= self.k <= self.num_experts, f"k={self.k} must be in [1, num_experts={self.num_experts}]")
+        _require(self.ep_size >= 1 and self.num_experts % self.ep_size == 0,
+                 f"num_experts={self.num_experts} is not divisible by ep_size={self.ep_size}: choose an ep_size "
+                 "that divides num_experts")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: Optional[int] = None  # None: the tokenizer's vocabulary size
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    d_ff: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    tie_embeddings: bool = True
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    def __post_init__(self):
+        _require(self.d_model % self.n_heads == 0, f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        _require((self.d_model // self.n_heads) % 2 == 0, "head dim (d_model / n_heads) must be even for rotary")
+        _require(self.moe.first_dense_layers < self.n_layers, "moe.first_dense_layers leaves no MoE layer")
+
+    def moe_layer_ids(self) -> tuple[int, ...]:
+        step = 2 if self.moe.layer_pattern == "every_other" else 1
+        return tuple(range(self.moe.first_dense_layers, self.n_layers, step))
+
+
+@dataclass(frozen=True)
+class BalanceConfig:
+    """L_aux, DeepSpeed's GShard/Switch load-balancing loss (per rank and micro-batch)."""
+    coef: float = 0.01
+    warmup_steps: int = 0
+
+
+@dataclass(frozen=True)
+class ZLossConfig:
+    """ST-MoE router z-loss: mean_t logsumexp(logits)^2."""
+    coef: float = 0.0
+    warmup_steps: int = 0
+
+
+@dataclass(frozen=True)
+class DivergenceConfig:
+    """Expert Divergence Learning (Li et al.): JSD between per-domain routing distributions."""
+    coef: float = 0.0
+    form: Literal["pairwise_neglog", "generalized"] = "pairwise_neglog"
+    average: Literal["sequence", "token"] = "sequence"
+    # Domain means over the global batch (data-parallel group), the expert-parallel group only, or
+    # this rank's micro-batch only.
+    scope: Literal["global", "expert_parallel", "micro_batch"] = "global"
+    eps: float = 1e-6
+    warmup_steps: int = 0
+
+
+@dataclass(frozen=True)
+class OrthogonalityConfig:
+    """Guo et al. Eq. 5: orthogonality of the outputs of the experts a token selects."""
+    coef: Union[float, Literal["auto"]] = 0.0
+    form: Literal["pairwise", "span"] = "pairwise"
+    reduction: Literal["mean", "sum"] = "mean"
+    eps: float = 1e-6
+    auto_target: float = 1e-4
+    warmup_steps: int = 0
+
+
+@dataclass(frozen=True)
+class VarianceConfig:
+    """Guo et al. Eq. 7: maximise the variance of routing scores (the loss is the negative variance)."""
+    coef: Union[float, Literal["auto"]] = 0.0
+    form: Literal["tokens", "experts"] = "tokens"
+    reduction: Literal["mean", "sum"] = "mean"
+    auto_target: float = 1e-3
+    warmup_steps: int = 0
+
+
+@dataclass(frozen=True)
+class ObjectivesConfig:
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
+    z_loss: ZLossConfig = field(default_factory=ZLossConfig)
+    divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
+    orthogonality: OrthogonalityConfig = field(default_factory=OrthogonalityConfig)
+    variance: VarianceConfig = field(default_factory=VarianceConfig)
+    layer_reduction: Literal["mean", "sum"] = "mean"
+    # Log D_total / D_inter / D_intra (Proposition 1) at every logging step.
+    log_decomposition: bool = True
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 200
+    # None: take DeepSpeed's train_micro_batch_size_per_gpu / gradient_accumulation_steps; when both
+    # are given they must agree.
+    micro_batch_size: Optional[int] = None
+    gradient_accumulation_steps: Optional[int] = None
+    seed: int = 1234
+    run_dir: str = "runs/default"
+    log_interval: int = 10
+    eval_interval: int = 100
+    eval_batches: int = 8
+    save_interval: int = 100
+    resume: bool = False  # continue from the latest checkpoint in run_dir
+    init_from: Optional[str] = None  # start a new run from these checkpoint weights
+    show_progress: bool = True
+
+    def __post_init__(self):
+        for name in ("steps", "log_interval", "eval_interval", "save_interval"):
+            _require(getattr(self, name) >= 1, f"train.{name} must be >= 1")
+        _require(not (self.resume and self.init_from), "train.resume and train.init_from exclude each other: resume "
+                 "continues this run, init_from starts a new one from another run's weights")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def load_experiment(path=None, overrides=()) -> ExperimentConfig:
+    """Load and validate an experiment config (JSON/YAML) with `a.b=v` overrides."""
+    return load_config(ExperimentConfig, path, overrides)

@@ -1,0 +1,163 @@
+"""Everything a training run holds, built once and validated before any step: `build(cfg, ds) -> TrainState`.
+
+Order matters and is the reason this module exists: configs are cross-checked and the run directory is
+checked before anything is written; data is prepared on rank 0 first; the model is built with the same
+seed on every rank; DeepSpeed creates the expert groups; then the composer learns which group reduces
+the divergence statistics; finally a checkpoint is loaded (resume or init_from).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ds_moe_div import checkpoint
+from ds_moe_div.composer import ObjectiveComposer
+from ds_moe_div.config import ExperimentConfig
+from ds_moe_div.config_loader import dump_config, to_dict
+from ds_moe_div.data import BatchLoader, PreparedData, check_enough, prepare_data
+from ds_moe_div.distributed import (RankInfo, all_reduce_sum, divergence_group, init_distributed, main_rank_first,
+                                    seed_everything, set_cpu_threads)
+from ds_moe_div.ds_config import check_ds_config, engine_config
+from ds_moe_div.log_window import LogWindow
+from ds_moe_div.model import IGNORE_INDEX, MoELanguageModel
+from ds_moe_div.monitor import Monitor
+
+
+@dataclass
+class TrainState:
+    cfg: ExperimentConfig
+    info: RankInfo
+    engine: object
+    composer: ObjectiveComposer
+    data: PreparedData
+    loader: BatchLoader
+    monitor: Monitor
+    micro_batch_size: int
+    arch: dict
+    step: int = 0
+    window: LogWindow = field(default_factory=LogWindow)
+
+    def __post_init__(self):
+        self.train_iter = iter(self.loader)
+
+    def evaluate(self, split: str = "val") -> dict:
+        """Held-out LM loss over `eval_batches` global batches, overall and per domain (all ranks reduced)."""
+        names = self.data.domain_names
+        sums = torch.zeros(2 * (len(names) + 1), dtype=torch.float64)  # [nll, count] overall then per domain
+        loader = BatchLoader(self.data.splits[split], micro_batch_size=self.micro_batch_size, rank=self.info.rank,
+                             world_size=self.info.world_size, shuffle=False, loop=False)
+        self.engine.eval()
+        with torch.no_grad():
+            for i, batch in enumerate(loader):
+                if i >= self.cfg.train.eval_batches:
+                    break
+                out = self.engine(batch["input_ids"], labels_BS=batch["labels"])
+                sums += _nll_sums(out.token_nll_BS, batch["labels"], batch["domain_ids"], len(names))
+        self.engine.train()
+        all_reduce_sum(sums)
+        nll, count = sums.view(-1, 2).unbind(-1)
+        result = {f"eval/{split}_lm_loss": float(nll[0] / count[0].clamp(min=1))}
+        for d, name in enumerate(names):
+            if count[d + 1] > 0:
+                result[f"eval/{split}_lm_loss/{name}"] = float(nll[d + 1] / count[d + 1])
+        return result
+
+    def save(self) -> None:
+        client = {"step": self.step, "loader": self.loader_state(), "composer": self.composer.state_dict()}
+        checkpoint.save(self.engine, self.cfg.train.run_dir, step=self.step, client=client,
+                        run_config=to_dict(self.cfg), arch=self.arch, rank=self.info.rank)
+
+    def loader_state(self) -> dict:
+        return self.loader.state_dict()
+
+
+def _nll_sums(nll_BS, labels_BS, domain_ids_BS, num_domains: int) -> torch.Tensor:
+    valid = labels_BS != IGNORE_INDEX
+    dom = torch.where(valid, domain_ids_BS, -1).flatten()
+    nll = torch.where(valid, nll_BS, 0.0).flatten().double()
+    per_nll = torch.zeros(num_domains + 1, dtype=torch.float64).index_add_(0, dom + 1, nll)
+    per_cnt = torch.zeros(num_domains + 1, dtype=torch.float64).index_add_(0, dom + 1, valid.flatten().double())
+    out = torch.stack([per_nll, per_cnt], dim=-1)  # row 0 collects unlabelled targets
+    out[0] = torch.stack([nll.sum(), valid.sum().double()])
+    return out.flatten()
+
+
+def build(cfg: ExperimentConfig, ds: dict) -> TrainState:
+    info = init_distributed()
+    set_cpu_threads(info)
+    from deepspeed.accelerator import get_accelerator
+    micro, gas = check_ds_config(ds, cfg, world_size=info.world_size,
+                                 on_cpu=get_accelerator().device_name() == "cpu")
+    checkpoint.check_run_dir(cfg.train.run_dir, resume=cfg.train.resume)
+    with main_rank_first(info):
+        data = prepare_data(cfg.data, show_progress=info.is_main and cfg.train.show_progress)
+    check_enough(data.splits["train"], micro * info.world_size)
+    _check_objective_inputs(cfg, data)
+    vocab = _vocab_size(cfg, data)
+    seed_everything(cfg.train.seed)
+    model = MoELanguageModel(cfg.model, vocab_size=vocab, seq_len=cfg.data.seq_len, seed=cfg.train.seed,
+                             ep_rank=info.ep_rank(cfg.model.moe.ep_size))
+    engine = _initialize(model, engine_config(ds, micro, gas, info.world_size), info, cfg)
+    layer = model.moe_layers()[0]
+    composer = ObjectiveComposer(cfg.objectives, num_domains=len(data.domain_names),
+                                 divergence_group=divergence_group(cfg.objectives.divergence.scope, layer),
+                                 world_group=dist.group.WORLD)
+    loader = BatchLoader(data.splits["train"], micro_batch_size=micro, rank=info.rank, world_size=info.world_size,
+                         seed=cfg.train.seed, sampling=cfg.data.sampling)
+    arch = checkpoint.architecture(to_dict(cfg.model), vocab)
+    run_dir = Path(cfg.train.run_dir)
+    state = TrainState(cfg=cfg, info=info, engine=engine, composer=composer, data=data, loader=loader,
+                       monitor=Monitor(run_dir / "tensorboard", enabled=info.is_main), micro_batch_size=micro,
+                       arch=arch)
+    _restore(state)
+    if info.is_main:
+        _write_run_files(state, ds)
+    return state
+
+
+def _check_objective_inputs(cfg: ExperimentConfig, data: PreparedData) -> None:
+    if cfg.objectives.divergence.coef != 0 and len(data.domain_names) < 2:
+        raise ValueError(f"objectives.divergence.coef={cfg.objectives.divergence.coef} needs domain labels with at "
+                         f"least 2 classes, but the data has {len(data.domain_names)} ({data.domain_names}); set "
+                         f"data.domain_column to a label column or set the coef to 0")
+
+
+def _vocab_size(cfg: ExperimentConfig, data: PreparedData) -> int:
+    vocab = cfg.model.vocab_size or data.vocab_size
+    if vocab < data.vocab_size:
+        raise ValueError(f"model.vocab_size={vocab} is smaller than the tokenizer's {data.vocab_size}: "
+                         f"remove model.vocab_size (it defaults to the tokenizer's) or raise it")
+    return vocab
+
+
+def _initialize(model, ds_dict: dict, info: RankInfo, cfg: ExperimentConfig):
+    import deepspeed
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds_dict)
+    ep_group = model.moe_layers()[0].expert_parallel_group()
+    if dist.get_rank(group=ep_group) != info.ep_rank(cfg.model.moe.ep_size):
+        raise RuntimeError("DeepSpeed's expert-parallel layout differs from the one expert initialisation assumed")
+    return engine
+
+
+def _restore(state: TrainState) -> None:
+    train = state.cfg.train
+    if train.resume:
+        client = checkpoint.load(state.engine, train.run_dir, arch=state.arch, rank=state.info.rank, module_only=False)
+        state.step = client["step"]
+        state.loader.load_state_dict(client["loader"])
+        state.composer.load_state_dict(client["composer"])
+        state.train_iter = iter(state.loader)
+    elif train.init_from:
+        checkpoint.load(state.engine, train.init_from, arch=state.arch, rank=state.info.rank, module_only=True)
+
+
+def _write_run_files(state: TrainState, ds: dict) -> None:
+    run_dir = Path(state.cfg.train.run_dir)
+    name = "config.json" if state.step == 0 else f"config.resumed_step{state.step}.json"
+    dump_config(state.cfg, run_dir / name)
+    (run_dir / "ds_config.json").write_text(json.dumps(ds, indent=2))
+    state.monitor.text("config", "```json\n" + json.dumps(to_dict(state.cfg), indent=2) + "\n```")
