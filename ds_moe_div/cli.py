@@ -1,0 +1,31 @@
+"""`ds-moe-div <command>`: one entry point for the package's tools.
+
+    ds-moe-div train --deepspeed_config ds_configs/ds_zero2_cpu.json --config ds_configs/experiments/tiny.json
+    ds-moe-div prepare-corpus --out data/builtin --tier lite --mb-per-subdomain 1
+
+Multi-process training goes through the `deepspeed` launcher with scripts/train.py (same arguments).
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "train": ("ds_moe_div.train", "train a model (1 process; use the deepspeed launcher for more)"),
+    "prepare-corpus": ("ds_moe_div.corpus.__main__", "build the domain-labelled corpus from package registries"),
+}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__)
+        for name, (_, help_text) in COMMANDS.items():
+            print(f"  {name:16s} {help_text}")
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    return module.main(argv[1:]) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""The gate/MoE subclasses keep DeepSpeed's math and expose the routing faithfully (1 process, EP=1)."""
+import pytest
+import torch
+from deepspeed.moe.layer import MoE
+
+from ds_moe_div.model import SwiGLU
+from ds_moe_div.moe import RoutedMoE, reinit_experts
+
+M, E = 16, 4
+
+
+def make(k, *, capacity_factor=1.0, drop_tokens=True, layer_id=0, ep_size=1, num_experts=E):
+    torch.manual_seed(0)
+    return RoutedMoE(M, SwiGLU(M, 32), layer_id=layer_id, num_experts=num_experts, ep_size=ep_size, k=k,
+                     capacity_factor=capacity_factor, eval_capacity_factor=capacity_factor, min_capacity=0,
+                     use_residual=False, noisy_gate_policy=None, drop_tokens=drop_tokens, use_rts=False,
+                     top2_2nd_expert_sampling=False)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("capacity_factor", [0.5, 4.0])
+def test_record_matches_direct_computation(k, capacity_factor):
+    moe = make(k, capacity_factor=capacity_factor)
+    reinit_experts(moe, seed=1, ep_rank=0, std=0.3, out_std=0.3)
+    x = torch.randn(3, 10, M)
+    out, rec = moe(x, collect_expert_outputs=True)
+    T = 30
+    logits = x.reshape(T, M) @ moe.gate.wg.weight.t()
+    torch.testing.assert_close(rec.logits_TE, logits)
+    torch.testing.assert_close(rec.probs_TE, logits.softmax(-1))
+    assert rec.indices_TK.shape == (T, k) and rec.kept_TK.shape == (T, k)
+    # Chosen experts are the top-k of the router, in DeepSpeed's slot order (dropped slots restored).
+    torch.testing.assert_close(rec.indices_TK.sort(-1).values, logits.topk(k, -1).indices.sort(-1).values)
+    if capacity_factor < 1:
+        assert not rec.kept_TK.all()
+    # Token-major outputs: slot j of token t is expert indices[t,j] applied to x_t, unweighted; 0 if dropped.
+    experts = moe.local_experts
+    xs = x.reshape(T, M)
+    for t in range(T):
+        for j in range(k):
+            want = experts[int(rec.indices_TK[t, j])](xs[t]) if rec.kept_TK[t, j] else torch.zeros(M)
+            torch.testing.assert_close(rec.expert_outputs_TKM[t, j], want, atol=1e-5, rtol=1e-5)
+    combined = (rec.expert_outputs_TKM * rec.weights_TK.unsqueeze(-1)).sum(1)
+    torch.testing.assert_close(out.reshape(T, M), combined, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_same_output_as_stock_deepspeed_moe(k):
+    ours = make(k, capacity_factor=1.0)
+    torch.manual_seed(0)
+    stock = MoE(M, SwiGLU(M, 32), num_experts=E, ep_size=1, k=k, capacity_factor=1.0, eval_capacity_factor=1.0,
+                min_capacity=0, drop_tokens=True, use_rts=False, top2_2nd_expert_sampling=False)
+    stock.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 12, M)
+    out, rec = ours(x)
+    want, l_aux, _ = stock(x)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(rec.l_aux, l_aux)
+    assert rec.expert_outputs_TKM is None  # not collected unless asked
+
+
+def test_router_gradient_reaches_gate_through_probs():
+    moe = make(2)
+    _, rec = moe(torch.randn(2, 8, M))
+    rec.probs_TE.var().backward()
+    assert moe.gate.wg.weight.grad is not None and moe.gate.wg.weight.grad.abs().sum() > 0
+
+
+def test_experts_start_distinct_and_independent_of_ep_size():
+    full = make(2, num_experts=4, layer_id=3)
+    reinit_experts(full, seed=7, ep_rank=0, std=0.02, out_std=0.01)
+    w = [e.w_up.weight for e in full.local_experts]
+    assert not torch.equal(w[0], w[1])
+    # Rank 1 of an EP=2 layout holds global experts 2 and 3: same weights as in the EP=1 layout.
+    half = make(2, num_experts=4, layer_id=3, ep_size=2)
+    reinit_experts(half, seed=7, ep_rank=1, std=0.02, out_std=0.01)
+    for local, global_id in enumerate((2, 3)):
+        for a, b in zip(half.local_experts[local].parameters(), full.local_experts[global_id].parameters()):
+            torch.testing.assert_close(a, b)
+
+
+def test_dropless_routing_keeps_every_slot():
+    moe = make(2, capacity_factor=0.1, drop_tokens=False)
+    _, rec = moe(torch.randn(2, 16, M), collect_expert_outputs=True)
+    assert rec.kept_TK.all()
