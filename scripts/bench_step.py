@@ -1,0 +1,139 @@
+"""Step-time overhead of each specialisation objective over the L_aux-only baseline, measured in one run.
+
+    python scripts/bench_step.py [--d-model 256 --layers 4 --experts 8 --k 2 --batch 4 --seq 256 --repeats 6]
+
+One model and one DeepSpeed engine (ZeRO-2, fp32 on CPU / bf16 on GPU); the variants differ only in
+the objective composer, and they are timed round-robin (baseline, +z, +ED, +orth, +var, all; again) so
+that drift of the machine hits every variant alike. Prints the median step time of each, its ratio to
+the baseline, tokens/s, and model FLOPs/s against this machine's measured fp32 matmul FLOPs/s.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from types import SimpleNamespace
+
+import torch
+
+from ds_moe_div.composer import ObjectiveComposer
+from ds_moe_div.config import ModelConfig, MoEConfig, ObjectivesConfig, load_experiment
+from ds_moe_div.distributed import init_distributed, seed_everything
+from ds_moe_div.log_window import LogWindow
+from ds_moe_div.model import MoELanguageModel
+from ds_moe_div.train import train_step
+
+VARIANTS = {
+    "baseline (l_aux)": [],
+    "+z_loss": ["z_loss.coef=0.001"],
+    "+divergence": ["divergence.coef=0.01"],
+    "+orthogonality": ["orthogonality.coef=0.01"],
+    "+variance": ["variance.coef=0.01"],
+    "all objectives": ["z_loss.coef=0.001", "divergence.coef=0.01", "orthogonality.coef=0.01", "variance.coef=0.01"],
+}
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--k", type=int, default=2)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--domains", type=int, default=3)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per variant per round")
+    p.add_argument("--repeats", type=int, default=5, help="rounds over all variants")
+    p.add_argument("--local_rank", type=int, default=-1)
+    return p.parse_args()
+
+
+def objectives_for(overrides) -> ObjectivesConfig:
+    return load_experiment(None, ["objectives." + o for o in overrides]).objectives
+
+
+def random_batches(args, device):
+    g = torch.Generator().manual_seed(0)
+    while True:
+        ids = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=g)
+        dom = torch.randint(0, args.domains, (args.batch, 1), generator=g).expand(-1, args.seq)
+        yield {"input_ids": ids[:, :-1].to(device), "labels": ids[:, 1:].to(device), "domain_ids": dom.to(device)}
+
+
+def matmul_flops(device, n=1024, reps=20) -> float:
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def model_flops_per_token(model, cfg: ModelConfig, seq: int) -> float:
+    """6 x active parameters (each token runs k of E experts) + causal attention scores, fwd+bwd."""
+    expert_params = sum(p.numel() for n, p in model.named_parameters() if "deepspeed_experts" in n)
+    active = sum(p.numel() for p in model.parameters()) - expert_params * (1 - cfg.moe.k / cfg.moe.num_experts)
+    return 6 * active + 6 * cfg.n_layers * cfg.d_model * seq
+
+
+def main():
+    args = parse_args()
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    import deepspeed
+    info = init_distributed()
+    device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    cfg = ModelConfig(d_model=args.d_model, n_layers=args.layers, n_heads=max(1, args.d_model // 64),
+                      d_ff=2 * args.d_model, moe=MoEConfig(num_experts=args.experts, k=args.k))
+    seed_everything(0)
+    model = MoELanguageModel(cfg, vocab_size=args.vocab, seq_len=args.seq, seed=0)
+    ds = {"train_micro_batch_size_per_gpu": args.batch, "gradient_clipping": 1.0, "steps_per_print": 10**9,
+          "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
+          "zero_optimization": {"stage": 2}, "bf16": {"enabled": device.type == "cuda"}}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds)
+    state = SimpleNamespace(engine=engine, train_iter=random_batches(args, device), step=0, window=LogWindow())
+    composers = {name: ObjectiveComposer(objectives_for(o), num_domains=args.domains) for name, o in VARIANTS.items()}
+    times = {name: [] for name in VARIANTS}
+    for round_id in range(args.repeats + 1):  # round 0 warms up every variant
+        for name, composer in composers.items():
+            state.composer = composer
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                train_step(state)
+            _sync(device)
+            if round_id:
+                times[name].append((time.perf_counter() - start) / args.steps)
+            state.window.reset()
+    report(args, cfg, model, times, matmul_flops(device), device)
+
+
+def report(args, cfg, model, times, peak, device):
+    tokens = args.batch * args.seq
+    per_token = model_flops_per_token(model, cfg, args.seq)
+    base = statistics.median(times["baseline (l_aux)"])
+    print(f"\nmodel: d={args.d_model} layers={args.layers} experts={args.experts} k={args.k}, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {tokens} tokens/step, device={device}, "
+          f"threads={torch.get_num_threads()}")
+    print(f"measured fp32 matmul: {peak / 1e9:.1f} GFLOP/s\n")
+    print(f"{'variant':22s} {'step ms':>9s} {'ratio':>7s} {'tokens/s':>9s} {'GFLOP/s':>8s} {'MFU':>6s}")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        flops = per_token * tokens / med
+        print(f"{name:22s} {med * 1e3:9.1f} {med / base:7.3f} {tokens / med:9.0f} {flops / 1e9:8.1f} "
+              f"{flops / peak:6.1%}")
+    print(f"\nall objectives together add {statistics.median(times['all objectives']) / base - 1:+.1%} "
+          f"step time over the baseline (target <= +5%)")
+
+
+if __name__ == "__main__":
+    main()

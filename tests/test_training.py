@@ -1,0 +1,129 @@
+"""End to end: the real `deepspeed` launcher on 2 CPU ranks, resume equality, EP and ZeRO equivalence.
+
+These tests are the slow part of the suite (~2-3 minutes together on 2 cores).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.dist_utils import free_port, run_on_ranks
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "ds_configs" / "experiments" / "smoke.json"
+DS_ZERO2 = ROOT / "ds_configs" / "ds_zero2_cpu.json"
+TERMS = ("l_aux", "z_loss", "divergence", "orthogonality", "variance")
+
+pytestmark = pytest.mark.slow
+
+
+def launch(tmp_path: Path, *overrides: str, ranks: int = 2, timeout: int = 420) -> subprocess.CompletedProcess:
+    """Run scripts/train.py through the deepspeed launcher; kill the whole process group on timeout."""
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    cmd = [str(deepspeed), "--num_gpus", str(ranks), "--master_port", str(free_port()), str(ROOT / "scripts/train.py"),
+           "--deepspeed_config", str(DS_ZERO2), "--config", str(SMOKE)]
+    for o in overrides:
+        cmd += [o] if o.startswith("--") else ["--override", o]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"launcher timed out after {timeout}s:\n{out[-4000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+
+
+def scalars(log_dir: Path) -> dict[str, dict[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("smoke")
+    result = launch(tmp, "train.run_dir=run", "train.log_interval=1")
+    assert result.returncode == 0, result.stdout[-6000:]
+    return tmp / "run", result.stdout
+
+
+def test_launcher_run_logs_every_enabled_term_and_checkpoints(smoke_run):
+    run_dir, stdout = smoke_run
+    tags = scalars(run_dir / "tensorboard")
+    for name in TERMS:
+        for tag in (f"moe/{name}", f"moe/{name}_unscaled", f"moe/{name}/layer_0", f"moe/{name}/layer_1"):
+            assert tag in tags, f"{tag} missing from {sorted(tags)}"
+            assert len(tags[tag]) == 6
+    for tag in ("train/lm_loss", "train/loss", "train/tokens_per_s", "train/lr", "eval/val_lm_loss",
+                "routing/d_inter/layer_0", "routing/dropped_fraction/layer_1"):
+        assert tag in tags, tag
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "global_step6"
+    assert (run_dir / "checkpoints" / "global_step3" / "run_config.json").is_file()
+    assert json.loads((run_dir / "config.json").read_text())["train"]["steps"] == 6
+    assert "tensorboard --logdir" in stdout
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(smoke_run, tmp_path):
+    full_dir, _ = smoke_run
+    first = launch(tmp_path, "train.run_dir=run", "train.log_interval=1", "train.steps=3")
+    assert first.returncode == 0, first.stdout[-6000:]
+    second = launch(tmp_path, "train.run_dir=run", "train.log_interval=1", "--resume")
+    assert second.returncode == 0, second.stdout[-6000:]
+    full, resumed = scalars(full_dir / "tensorboard"), scalars(tmp_path / "run" / "tensorboard")
+    for tag in ("train/lm_loss", "moe/divergence_unscaled", "moe/orthogonality_unscaled"):
+        for step in (4, 5, 6):
+            assert resumed[tag][step] == pytest.approx(full[tag][step], rel=1e-5, abs=1e-6), (tag, step)
+
+
+def test_failed_start_keeps_what_was_written(smoke_run, tmp_path):
+    run_dir, _ = smoke_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    before = sorted(p.relative_to(copy) for p in copy.rglob("*"))
+    again = launch(tmp_path, "train.run_dir=run")  # fresh start over existing checkpoints: refused
+    assert again.returncode != 0 and "pass --resume" in again.stdout
+    model_file = copy / "checkpoints" / "global_step6" / "mp_rank_00_model_states.pt"
+    model_file.write_bytes(model_file.read_bytes()[:1000])  # a truncated checkpoint
+    corrupt = launch(tmp_path, "train.run_dir=run", "--resume")
+    assert corrupt.returncode != 0 and "cannot load checkpoint" in corrupt.stdout
+    assert sorted(p.relative_to(copy) for p in copy.rglob("*")) == before
+
+
+def _losses_on_ranks(rank, world_size, overrides, ds_overrides, tmp):
+    from ds_moe_div.config import load_experiment
+    from ds_moe_div.session import build
+    from ds_moe_div.train import train_step
+
+    cfg = load_experiment(SMOKE, [f"train.run_dir={tmp}/r", "train.show_progress=false", *overrides])
+    ds = json.loads(DS_ZERO2.read_text())
+    ds.update(ds_overrides)
+    state = build(cfg, ds)
+    losses = []
+    for _ in range(3):
+        train_step(state)
+        last = state.window.last[0]
+        losses.append([float(last.lm)] + [float(v) for v in last.unscaled.values()])
+        state.window.reset()
+    return losses
+
+
+@pytest.mark.parametrize("variant", ["ep_size_2", "zero_stage_0"])
+def test_ep2_and_zero0_match_ep1_zero2(variant, tmp_path):
+    """Over 3 optimizer steps, every loss term agrees to 1e-4 relative (float32 reduction order)."""
+    base = run_on_ranks(_losses_on_ranks, args=([], {}, str(tmp_path / "a")), timeout=300)
+    overrides, ds = {"ep_size_2": (["model.moe.ep_size=2"], {}),
+                     "zero_stage_0": ([], {"zero_optimization": {"stage": 0}})}[variant]
+    other = run_on_ranks(_losses_on_ranks, args=(overrides, ds, str(tmp_path / "b")), timeout=300)
+    for a, b in zip(base, other):
+        assert b == pytest.approx(a, rel=1e-4, abs=1e-6)
