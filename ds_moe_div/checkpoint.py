@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -28,7 +27,7 @@ def checkpoint_root(run_dir) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def latest_tag(root: Path) -> Optional[str]:
+def latest_tag(root: Path) -> str | None:
     latest = root / "latest"
     return latest.read_text().strip() if latest.is_file() else None
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -30,7 +29,7 @@ class LossBreakdown:
     scaled: dict[str, torch.Tensor] = field(default_factory=dict)  # coef * unscaled
     per_layer: dict[str, torch.Tensor] = field(default_factory=dict)  # [L] unscaled values
     coefs: dict[str, float] = field(default_factory=dict)
-    divergence_domains_present: Optional[int] = None
+    divergence_domains_present: int | None = None
 
 
 class ObjectiveComposer:
@@ -63,7 +62,7 @@ class ObjectiveComposer:
         ramp = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
         return self._base_coef(name) * ramp
 
-    def __call__(self, out: ModelOutput, *, domain_ids_BS: Optional[torch.Tensor], step: int) -> LossBreakdown:
+    def __call__(self, out: ModelOutput, *, domain_ids_BS: torch.Tensor | None, step: int) -> LossBreakdown:
         mask_T = None if domain_ids_BS is None else (domain_ids_BS.flatten() >= 0)
         result = LossBreakdown(total=out.lm_loss, lm=out.lm_loss)
         for name in TERMS:

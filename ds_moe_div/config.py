@@ -10,7 +10,7 @@ plain DeepSpeed file (see `ds_moe_div.ds_config`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from ds_moe_div.config_loader import load_config
 from ds_moe_div.data.config import DataConfig
@@ -30,7 +30,7 @@ class MoEConfig:
     eval_capacity_factor: float = 2.0
     min_capacity: int = 4
     drop_tokens: bool = True
-    noisy_gate_policy: Optional[Literal["Jitter", "RSample"]] = None
+    noisy_gate_policy: Literal["Jitter", "RSample"] | None = None
     # DeepSpeed samples the second expert with Gumbel noise by default; off here for determinism.
     top2_2nd_expert_sampling: bool = False
     use_rts: bool = True
@@ -48,7 +48,7 @@ class MoEConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    vocab_size: Optional[int] = None  # None: the tokenizer's vocabulary size
+    vocab_size: int | None = None  # None: the tokenizer's vocabulary size
     d_model: int = 128
     n_layers: int = 4
     n_heads: int = 4
@@ -99,7 +99,7 @@ class DivergenceConfig:
 @dataclass(frozen=True)
 class OrthogonalityConfig:
     """Guo et al. Eq. 5: orthogonality of the outputs of the experts a token selects."""
-    coef: Union[float, Literal["auto"]] = 0.0
+    coef: float | Literal["auto"] = 0.0
     form: Literal["pairwise", "span"] = "pairwise"
     reduction: Literal["mean", "sum"] = "mean"
     eps: float = 1e-6
@@ -110,7 +110,7 @@ class OrthogonalityConfig:
 @dataclass(frozen=True)
 class VarianceConfig:
     """Guo et al. Eq. 7: maximise the variance of routing scores (the loss is the negative variance)."""
-    coef: Union[float, Literal["auto"]] = 0.0
+    coef: float | Literal["auto"] = 0.0
     form: Literal["tokens", "experts"] = "tokens"
     reduction: Literal["mean", "sum"] = "mean"
     auto_target: float = 1e-3
@@ -125,8 +125,6 @@ class ObjectivesConfig:
     orthogonality: OrthogonalityConfig = field(default_factory=OrthogonalityConfig)
     variance: VarianceConfig = field(default_factory=VarianceConfig)
     layer_reduction: Literal["mean", "sum"] = "mean"
-    # Log D_total / D_inter / D_intra (Proposition 1) at every logging step.
-    log_decomposition: bool = True
 
 
 @dataclass(frozen=True)
@@ -134,20 +132,24 @@ class TrainConfig:
     steps: int = 200
     # None: take DeepSpeed's train_micro_batch_size_per_gpu / gradient_accumulation_steps; when both
     # are given they must agree.
-    micro_batch_size: Optional[int] = None
-    gradient_accumulation_steps: Optional[int] = None
+    micro_batch_size: int | None = None
+    gradient_accumulation_steps: int | None = None
     seed: int = 1234
     run_dir: str = "runs/default"
     log_interval: int = 10
     eval_interval: int = 100
     eval_batches: int = 8
     save_interval: int = 100
+    # Domain x expert routing statistics reduced over each logging window (routing/... tags), and
+    # heatmaps + load histograms every heatmap_interval steps.
+    routing_stats: bool = True
+    heatmap_interval: int = 100
     resume: bool = False  # continue from the latest checkpoint in run_dir
-    init_from: Optional[str] = None  # start a new run from these checkpoint weights
+    init_from: str | None = None  # start a new run from these checkpoint weights
     show_progress: bool = True
 
     def __post_init__(self):
-        for name in ("steps", "log_interval", "eval_interval", "save_interval"):
+        for name in ("steps", "log_interval", "eval_interval", "save_interval", "heatmap_interval"):
             _require(getattr(self, name) >= 1, f"train.{name} must be >= 1")
         _require(not (self.resume and self.init_from), "train.resume and train.init_from exclude each other: resume "
                  "continues this run, init_from starts a new one from another run's weights")

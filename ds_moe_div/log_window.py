@@ -7,15 +7,19 @@ means over every rank's micro-batches, and tokens/s counts every rank's non-padd
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import torch
 
-from ds_moe_div import objectives as obj
 from ds_moe_div.distributed import all_reduce_sum
+from ds_moe_div.metrics.accumulator import RoutingAccumulator, RoutingStats
 
 
 class LogWindow:
-    def __init__(self) -> None:
+    def __init__(self, routing: RoutingAccumulator | None = None, domain_names: Sequence[str] = ()) -> None:
+        """`routing`: accumulates domain x expert statistics over the window (None: losses only)."""
+        self.routing = routing
+        self.domain_names = tuple(domain_names)
         self.reset()
 
     def reset(self) -> None:
@@ -23,6 +27,9 @@ class LogWindow:
         self.micro_steps = 0
         self.started = time.perf_counter()
         self.last = None
+        self.routing_stats: RoutingStats | None = None
+        if self.routing is not None:
+            self.routing.reset()
 
     def add(self, losses, out, batch) -> None:
         values = {"train/lm_loss": losses.lm, "train/loss": losses.total, "train/tokens": (batch["domain_ids"] >= 0).sum()}
@@ -35,10 +42,14 @@ class LogWindow:
         for key, value in values.items():
             value = value.detach().double()
             self.sums[key] = self.sums[key] + value if key in self.sums else value
+        if self.routing is not None:
+            with torch.no_grad():
+                self.routing.add(out.routing, batch["domain_ids"])
         self.micro_steps += 1
-        self.last = (losses, out, batch)
+        self.last = losses
 
     def flush(self, state) -> dict[str, float]:
+        """Window means over all ranks (one all-reduce for losses, one for routing counts)."""
         keys = sorted(self.sums)
         stacked = torch.stack([self.sums[k] for k in keys]).cpu()
         all_reduce_sum(stacked)
@@ -50,34 +61,13 @@ class LogWindow:
         grad_norm = state.engine.get_global_grad_norm()
         if grad_norm is not None:
             scalars["train/grad_norm"] = float(grad_norm)
-        losses, out, batch = self.last
-        for name, coef in losses.coefs.items():
+        for name, coef in self.last.coefs.items():
             scalars[f"moe/{name}_coef"] = coef
-        if losses.divergence_domains_present is not None:
-            scalars["moe/divergence_domains_present"] = losses.divergence_domains_present
-        scalars.update(routing_snapshot(out, batch["domain_ids"], state.cfg.objectives.log_decomposition))
+        if self.last.divergence_domains_present is not None:
+            scalars["moe/divergence_domains_present"] = self.last.divergence_domains_present
+        routing_stats = self.routing.reduce() if self.routing is not None else None
+        if routing_stats is not None:
+            scalars.update(routing_stats.scalars(self.domain_names))
         self.reset()
+        self.routing_stats = routing_stats
         return scalars
-
-
-def routing_snapshot(out, domain_ids_BS, decomposition: bool) -> dict[str, float]:
-    """Routing facts of this rank's last micro-batch: capacity drops, load imbalance, and the
-    Proposition-1 split of routing divergence into inter- and intra-domain parts."""
-    scalars = {}
-    mask_T = domain_ids_BS.flatten() >= 0
-    for r in out.routing:
-        tag = f"layer_{r.layer_id}"
-        slots = r.kept_TK[mask_T]
-        scalars[f"routing/dropped_fraction/{tag}"] = float(1.0 - slots.float().mean()) if slots.numel() else 0.0
-        load = r.expert_counts(mask_T)
-        scalars[f"routing/max_load_over_mean/{tag}"] = float(load.max() / load.mean().clamp(min=1e-9))
-        if decomposition:
-            with torch.no_grad():
-                means, domains, weights = obj.domain_sequence_means(probs_TE=r.probs_TE.detach(),
-                                                                    domain_ids_BS=domain_ids_BS)
-                total, inter, intra = obj.divergence_decomposition(seq_means_NE=means, seq_domains_N=domains,
-                                                                   seq_weights_N=weights)
-            scalars[f"routing/d_total/{tag}"] = float(total)
-            scalars[f"routing/d_inter/{tag}"] = float(inter)
-            scalars[f"routing/d_intra/{tag}"] = float(intra)
-    return scalars

@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from ds_moe_div.config import ModelConfig
 from ds_moe_div.moe import RoutedMoE, reinit_experts

@@ -12,8 +12,6 @@ Shape legend: T tokens, E experts, K top-k slots, M model dim, C capacity.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from deepspeed.moe import sharded_moe as ds_moe
@@ -30,7 +28,7 @@ class RoutingGate(ds_moe.TopKGate):
     computed here and handed to DeepSpeed's own `top1gating` / `top2gating` / `topkgating`.
     """
 
-    def forward(self, input, used_token=None, sparse_routes=False, use_tutel=False):  # noqa: A002 - DeepSpeed's signature
+    def forward(self, input, used_token=None, sparse_routes=False, use_tutel=False):
         if not sparse_routes or use_tutel:
             raise ValueError("RoutingGate supports DeepSpeed's sparse-route dispatch only (use_tutel=False)")
         x = input.float()
@@ -60,7 +58,7 @@ class RoutingMOELayer(ds_moe.MOELayer):
 
     collect_expert_outputs: bool = False
 
-    def forward(self, *input, **kwargs):  # noqa: A002 - DeepSpeed's signature
+    def forward(self, *input, **kwargs):
         if groups.mpu is not None:
             raise ValueError("ds_moe_div's MoE layer does not support tensor parallelism (groups.mpu is set)")
         hidden = input[0]
@@ -101,7 +99,7 @@ class RoutedMoE(MoE):
 
     def __init__(self, hidden_size: int, expert: torch.nn.Module, *, layer_id: int, num_experts: int, ep_size: int,
                  k: int, capacity_factor: float, eval_capacity_factor: float, min_capacity: int,
-                 use_residual: bool, noisy_gate_policy: Optional[str], drop_tokens: bool, use_rts: bool,
+                 use_residual: bool, noisy_gate_policy: str | None, drop_tokens: bool, use_rts: bool,
                  top2_2nd_expert_sampling: bool) -> None:
         super().__init__(hidden_size, expert, num_experts=num_experts, ep_size=ep_size, k=k,
                          capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,

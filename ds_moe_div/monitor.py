@@ -6,8 +6,8 @@ Tags: `train/<name>` (lm_loss, loss, lr, tokens_per_s, grad_norm), `eval/<name>`
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 
 class Monitor:

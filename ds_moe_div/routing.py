@@ -6,7 +6,6 @@ K = top-k slots per token, M model dim.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -30,7 +29,7 @@ class RoutingRecord:
     capacity: int
     # Unweighted outputs of each token's selected experts in token-major order; only collected
     # when a loss needs them (orthogonality), else None.
-    expert_outputs_TKM: Optional[torch.Tensor] = None
+    expert_outputs_TKM: torch.Tensor | None = None
 
     @property
     def num_experts(self) -> int:
@@ -40,7 +39,7 @@ class RoutingRecord:
     def k(self) -> int:
         return self.indices_TK.shape[-1]
 
-    def expert_counts(self, mask_T: Optional[torch.Tensor] = None, *, after_capacity: bool = False) -> torch.Tensor:
+    def expert_counts(self, mask_T: torch.Tensor | None = None, *, after_capacity: bool = False) -> torch.Tensor:
         """Routing slots per expert [E] (float), over `mask_T` tokens, before or after the capacity drop."""
         slots = self.kept_TK if after_capacity else torch.ones_like(self.kept_TK)
         if mask_T is not None:

@@ -19,10 +19,18 @@ from ds_moe_div.composer import ObjectiveComposer
 from ds_moe_div.config import ExperimentConfig
 from ds_moe_div.config_loader import dump_config, to_dict
 from ds_moe_div.data import BatchLoader, PreparedData, check_enough, prepare_data
-from ds_moe_div.distributed import (RankInfo, all_reduce_sum, divergence_group, init_distributed, main_rank_first,
-                                    seed_everything, set_cpu_threads)
+from ds_moe_div.distributed import (
+    RankInfo,
+    all_reduce_sum,
+    divergence_group,
+    init_distributed,
+    main_rank_first,
+    seed_everything,
+    set_cpu_threads,
+)
 from ds_moe_div.ds_config import check_ds_config, engine_config
 from ds_moe_div.log_window import LogWindow
+from ds_moe_div.metrics.accumulator import RoutingAccumulator
 from ds_moe_div.model import IGNORE_INDEX, MoELanguageModel
 from ds_moe_div.monitor import Monitor
 
@@ -111,12 +119,23 @@ def build(cfg: ExperimentConfig, ds: dict) -> TrainState:
     arch = checkpoint.architecture(to_dict(cfg.model), vocab)
     run_dir = Path(cfg.train.run_dir)
     state = TrainState(cfg=cfg, info=info, engine=engine, composer=composer, data=data, loader=loader,
-                       monitor=Monitor(run_dir / "tensorboard", enabled=info.is_main), micro_batch_size=micro,
-                       arch=arch)
+                       monitor=Monitor(run_dir / "tensorboard", enabled=False), micro_batch_size=micro,
+                       arch=arch, window=_log_window(cfg, model, data))
     _restore(state)
+    # Only now, with every check and the checkpoint load behind us, does the run write anything.
+    state.monitor = Monitor(run_dir / "tensorboard", enabled=info.is_main)
     if info.is_main:
         _write_run_files(state, ds)
     return state
+
+
+def _log_window(cfg: ExperimentConfig, model: MoELanguageModel, data: PreparedData) -> LogWindow:
+    if not cfg.train.routing_stats:
+        return LogWindow()
+    layer_ids = tuple(layer.layer_id for layer in model.moe_layers())
+    acc = RoutingAccumulator(num_layers=len(layer_ids), num_domains=len(data.domain_names),
+                             num_experts=cfg.model.moe.num_experts, k=cfg.model.moe.k, layer_ids=layer_ids)
+    return LogWindow(acc, data.domain_names)
 
 
 def _check_objective_inputs(cfg: ExperimentConfig, data: PreparedData) -> None:

@@ -17,9 +17,10 @@ import torch
 from tqdm import tqdm
 
 from ds_moe_div import checkpoint
-from ds_moe_div.config_loader import ConfigError
 from ds_moe_div.config import ExperimentConfig, load_experiment
+from ds_moe_div.config_loader import ConfigError
 from ds_moe_div.ds_config import DeepSpeedConfigError, load_ds_config
+from ds_moe_div.metrics.tensorboard import log_routing_pictures
 from ds_moe_div.session import TrainState, build
 
 
@@ -60,6 +61,9 @@ def maybe_log(state: TrainState, bar) -> None:
         return
     scalars = state.window.flush(state)
     state.monitor.scalars(scalars, state.step)
+    stats = state.window.routing_stats
+    if stats is not None and state.step % state.cfg.train.heatmap_interval == 0:
+        log_routing_pictures(state.monitor, stats, state.data.domain_names, state.step)
     bar.set_postfix(lm=f"{scalars['train/lm_loss']:.3f}", tok_s=f"{scalars['train/tokens_per_s']:.0f}")
 
 

@@ -48,7 +48,7 @@ def test_total_is_lm_plus_sum_of_scaled_terms_averaged_over_layers():
 
 
 def test_layer_reduction_sum():
-    cfg = objectives_cfg(**{"layer_reduction": "sum"})
+    cfg = objectives_cfg(layer_reduction="sum")
     res = ObjectiveComposer(cfg, num_domains=3)(output(), domain_ids_BS=DOMAINS, step=0)
     torch.testing.assert_close(res.unscaled["l_aux"], res.per_layer["l_aux"].sum())
 

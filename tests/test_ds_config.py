@@ -6,7 +6,12 @@ import pytest
 
 from ds_moe_div.config import ExperimentConfig, load_experiment
 from ds_moe_div.config_loader import ConfigError
-from ds_moe_div.ds_config import DeepSpeedConfigError, check_ds_config, engine_config, load_ds_config
+from ds_moe_div.ds_config import (
+    DeepSpeedConfigError,
+    check_ds_config,
+    engine_config,
+    load_ds_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {"train_micro_batch_size_per_gpu": 4, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},

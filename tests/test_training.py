@@ -50,6 +50,13 @@ def scalars(log_dir: Path) -> dict[str, dict[int, float]]:
     return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
 
 
+def pictures(log_dir: Path) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(log_dir), size_guidance={"images": 0, "histograms": 0})
+    acc.Reload()
+    return acc.Tags()
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("smoke")
@@ -68,6 +75,11 @@ def test_launcher_run_logs_every_enabled_term_and_checkpoints(smoke_run):
     for tag in ("train/lm_loss", "train/loss", "train/tokens_per_s", "train/lr", "eval/val_lm_loss",
                 "routing/d_inter/layer_0", "routing/dropped_fraction/layer_1"):
         assert tag in tags, tag
+    for tag in ("routing/mi/layer_0", "routing/purity/mean", "routing/max_violation/layer_1", "routing/entropy/code/layer_0"):
+        assert tag in tags, tag
+    images = pictures(run_dir / "tensorboard")
+    assert {"routing/heatmap/layer_0", "routing/heatmap/all_layers"} <= set(images["images"])
+    assert "routing/load/layer_1" in images["histograms"]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "global_step6"
     assert (run_dir / "checkpoints" / "global_step3" / "run_config.json").is_file()
     assert json.loads((run_dir / "config.json").read_text())["train"]["steps"] == 6
@@ -112,7 +124,7 @@ def _losses_on_ranks(rank, world_size, overrides, ds_overrides, tmp):
     losses = []
     for _ in range(3):
         train_step(state)
-        last = state.window.last[0]
+        last = state.window.last
         losses.append([float(last.lm)] + [float(v) for v in last.unscaled.values()])
         state.window.reset()
     return losses
@@ -125,5 +137,6 @@ def test_ep2_and_zero0_match_ep1_zero2(variant, tmp_path):
     overrides, ds = {"ep_size_2": (["model.moe.ep_size=2"], {}),
                      "zero_stage_0": ([], {"zero_optimization": {"stage": 0}})}[variant]
     other = run_on_ranks(_losses_on_ranks, args=(overrides, ds, str(tmp_path / "b")), timeout=300)
-    for a, b in zip(base, other):
-        assert b == pytest.approx(a, rel=1e-4, abs=1e-6)
+    for rank_a, rank_b in zip(base, other):
+        for step_a, step_b in zip(rank_a, rank_b):
+            assert step_b == pytest.approx(step_a, rel=1e-4, abs=1e-6)
