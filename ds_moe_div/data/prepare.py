@@ -1,0 +1,162 @@
+"""prepare_data: corpus -> labels -> stratified splits -> BPE (train split) -> packed, cached memmaps.
+
+    PYTHONPATH=. python -c "from ds_moe_div.data import DataConfig, prepare_data; print(prepare_data(DataConfig()).stats)"
+
+Pure local work (no torch.distributed): call it on rank 0 first, then on the other ranks, which hit the
+cache. The cache key covers the corpus identity, columns, label map, split settings, tokenizer settings
+(or the given tokenizer file's hash), packing and seq_len; the trained tokenizer has its own key without
+packing and seq_len, so changing those re-packs without retraining it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+from tqdm.auto import tqdm
+
+from .cache import (
+    MANIFEST,
+    atomic_entry,
+    file_digest,
+    key_of,
+    read_manifest,
+    write_json_atomic,
+)
+from .config import DataConfig, cache_root
+from .documents import DUPLICATE, EMPTY, SUBSAMPLED, Scan, iter_documents, scan_corpus
+from .errors import DataError
+from .labels import load_label_map
+from .packing import DocStore, pack_split
+from .prepared import DataStats, PreparedData, load_prepared
+from .readers import Source, resolve_source
+from .splits import SPLITS, assign_splits
+from .tokenize import encode_documents, load_tokenizer, special_ids, train_tokenizer
+
+FORMAT_VERSION = 1
+ENCODE_BATCH_DOCS = 512
+
+
+def _keys(cfg: DataConfig, source: Source) -> tuple[str, str, dict]:
+    """(tokenizer key, data key, the parts hashed into the data key)."""
+    tok = cfg.tokenizer
+    parts = {
+        "format": FORMAT_VERSION,
+        "corpus": source.identity(cfg),
+        "columns": [cfg.text_column, cfg.domain_column],
+        "labels": [load_label_map(cfg.label_map) if cfg.label_map else None, cfg.unknown_labels],
+        "documents": [cfg.max_documents, cfg.val_fraction, cfg.test_fraction, cfg.split_seed],
+        "tokenizer": {"sha256": file_digest(tok.path)} if tok.path else [tok.vocab_size, tok.min_frequency,
+                                                                          tok.max_train_mb],
+    }
+    tokenizer_key = key_of(parts)
+    parts["packing"] = [cfg.packing, cfg.seq_len]
+    return tokenizer_key, key_of(parts), parts
+
+
+def prepare_data(cfg: DataConfig, *, show_progress: bool = True) -> PreparedData:
+    source = resolve_source(cfg)
+    if cfg.tokenizer.path and not Path(cfg.tokenizer.path).expanduser().is_file():
+        raise DataError(f"{cfg.tokenizer.path}: tokenizer file not found; fix tokenizer.path or set it to null")
+    tokenizer_key, data_key, parts = _keys(cfg, source)
+    root = cache_root(cfg)
+    entry = root / data_key
+    manifest = read_manifest(entry)
+    if manifest is None:
+        _build(cfg, source, entry, root / "tokenizers" / f"{tokenizer_key}.json", parts, show_progress)
+        manifest = read_manifest(entry)
+    return load_prepared(entry, manifest)
+
+
+def _tokenizer(cfg: DataConfig, source: Source, scan: Scan, split_R: np.ndarray, cached: Path,
+               show_progress: bool) -> Tokenizer:
+    if cfg.tokenizer.path:
+        return load_tokenizer(Path(cfg.tokenizer.path).expanduser())
+    if cached.is_file():
+        return load_tokenizer(cached)
+    chosen = _tokenizer_sample(scan.bytes_R, split_R, cfg.tokenizer.max_train_mb, cfg.split_seed)
+    texts = (text for row, text in iter_documents(source, cfg, scan) if chosen[row])
+    tokenizer = train_tokenizer(texts, cfg.tokenizer, length=int(chosen.sum()), show_progress=show_progress)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_name(f"{cached.name}.tmp-{time.monotonic_ns()}")
+    tokenizer.save(str(tmp))
+    tmp.replace(cached)
+    return tokenizer
+
+
+def _tokenizer_sample(bytes_R: np.ndarray, split_R: np.ndarray, max_mb: float | None, seed: int) -> np.ndarray:
+    """Rows the tokenizer trains on: the train split, or a seeded random part of it up to max_mb."""
+    chosen = split_R == 0
+    if max_mb is None or bytes_R[chosen].sum() <= max_mb * 1e6:
+        return chosen
+    order = np.random.default_rng([seed, 3]).permutation(np.flatnonzero(chosen))
+    keep = order[: max(1, int(np.searchsorted(np.cumsum(bytes_R[order]), max_mb * 1e6, side="right")))]
+    chosen = np.zeros(len(split_R), dtype=bool)
+    chosen[keep] = True
+    return chosen
+
+
+def _tokenize(cfg: DataConfig, source: Source, scan: Scan, split_R: np.ndarray, tokenizer: Tokenizer, eos_id: int,
+              stores: dict[str, DocStore], show_progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Encode every used document (batch API, per split) into its split's store.
+
+    Returns documents and tokens per (split, domain)."""
+    shape = (len(SPLITS), len(scan.scheme.domain_names))
+    docs, tokens = np.zeros(shape, np.int64), np.zeros(shape, np.int64)
+    pending: list[list[tuple[int, str]]] = [[] for _ in SPLITS]
+
+    def flush(s: int) -> None:
+        ids, lengths = encode_documents(tokenizer, [text for _, text in pending[s]], eos_id)
+        domains = scan.domain_R[[row for row, _ in pending[s]]]
+        stores[SPLITS[s]].add(ids, lengths, domains)
+        np.add.at(docs[s], domains, 1)
+        np.add.at(tokens[s], domains, lengths)
+        pending[s] = []
+
+    documents = tqdm(iter_documents(source, cfg, scan), total=int((split_R >= 0).sum()), desc="tokenize",
+                     unit="doc", disable=not show_progress)
+    for row, text in documents:
+        s = int(split_R[row])
+        pending[s].append((row, text))
+        if len(pending[s]) >= ENCODE_BATCH_DOCS:
+            flush(s)
+    for s in range(len(SPLITS)):
+        if pending[s]:
+            flush(s)
+    return docs, tokens
+
+
+def _build(cfg: DataConfig, source: Source, entry: Path, tokenizer_cache: Path, parts: dict,
+           show_progress: bool) -> None:
+    start = time.perf_counter()
+    scan = scan_corpus(source, cfg, show_progress=show_progress)
+    names = scan.scheme.domain_names
+    split_R = assign_splits(scan.domain_R, names, val_fraction=cfg.val_fraction,
+                            test_fraction=cfg.test_fraction, seed=cfg.split_seed)
+    with atomic_entry(entry) as tmp:
+        tokenizer = _tokenizer(cfg, source, scan, split_R, tokenizer_cache, show_progress)
+        tokenizer.save(str(tmp / "tokenizer.json"))
+        pad_id, eos_id = special_ids(tokenizer)
+        stores = {name: DocStore(tmp / f"{name}.docs.bin") for name in SPLITS}
+        docs, tokens = _tokenize(cfg, source, scan, split_R, tokenizer, eos_id, stores, show_progress)
+        packed = {}
+        for s, name in enumerate(SPLITS):
+            packed[name] = pack_split(stores[name], tmp, name, packing=cfg.packing, seq_len=cfg.seq_len,
+                                      pad_id=pad_id, num_domains=len(names), seed=cfg.split_seed + s)
+            stores[name].path.unlink()
+        stats = DataStats(
+            documents={n: dict(zip(names, docs[s].tolist(), strict=True)) for s, n in enumerate(SPLITS)},
+            tokens={n: dict(zip(names, tokens[s].tolist(), strict=True)) for s, n in enumerate(SPLITS)},
+            sequences={n: packed[n]["sequences"] for n in SPLITS},
+            padding_tokens={n: packed[n]["padding_tokens"] for n in SPLITS},
+            rows_read=len(scan.domain_R), empty_skipped=scan.count(EMPTY),
+            duplicates_skipped=scan.count(DUPLICATE), subsampled_out=scan.count(SUBSAMPLED),
+            unknown_as_other=scan.scheme.unknown_as_other, build_seconds=round(time.perf_counter() - start, 3))
+        write_json_atomic(tmp / MANIFEST, {
+            "format": FORMAT_VERSION, "key_parts": parts, "config": dataclasses.asdict(cfg),
+            "domain_names": list(names), "pad_id": pad_id, "eos_id": eos_id,
+            "vocab_size": tokenizer.get_vocab_size(), "seq_len": cfg.seq_len, "packing": cfg.packing,
+            "stats": stats.to_dict()})
