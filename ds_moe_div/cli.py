@@ -12,7 +12,7 @@ import sys
 
 COMMANDS = {
     "train": ("ds_moe_div.train", "train a model (1 process; use the deepspeed launcher for more)"),
-    "prepare-corpus": ("ds_moe_div.corpus.__main__", "build the domain-labelled corpus from package registries"),
+    "prepare-corpus": ("ds_moe_div.corpus.cli", "build the domain-labelled corpus from package registries"),
 }
 
 

@@ -1,0 +1,5 @@
+"""python -m ds_moe_div.corpus --out DIR [--mb-per-subdomain X] [--tier lite|full]"""
+
+from ds_moe_div.corpus.cli import main
+
+raise SystemExit(main())
