@@ -49,7 +49,7 @@ def _keys(cfg: DataConfig, source: Source) -> tuple[str, str, dict]:
         "columns": [cfg.text_column, cfg.domain_column],
         "labels": [load_label_map(cfg.label_map) if cfg.label_map else None, cfg.unknown_labels],
         "documents": [cfg.max_documents, cfg.val_fraction, cfg.test_fraction, cfg.split_seed],
-        "tokenizer": {"sha256": file_digest(tok.path)} if tok.path else [tok.vocab_size, tok.min_frequency,
+        "tokenizer": {"sha256": file_digest(Path(tok.path).expanduser())} if tok.path else [tok.vocab_size, tok.min_frequency,
                                                                           tok.max_train_mb],
     }
     tokenizer_key = key_of(parts)
@@ -58,6 +58,11 @@ def _keys(cfg: DataConfig, source: Source) -> tuple[str, str, dict]:
 
 
 def prepare_data(cfg: DataConfig, *, show_progress: bool = True) -> PreparedData:
+    """The packed train/val/test splits of cfg's corpus, built once and then read from the cache.
+
+    Raises DataError for unusable input (missing columns, unmapped labels, invalid UTF-8, a domain
+    without documents in a split, ...), naming the file, the row and the fix.
+    """
     source = resolve_source(cfg)
     if cfg.tokenizer.path and not Path(cfg.tokenizer.path).expanduser().is_file():
         raise DataError(f"{cfg.tokenizer.path}: tokenizer file not found; fix tokenizer.path or set it to null")
