@@ -43,10 +43,18 @@ def init_distributed() -> RankInfo:
     deepspeed.init_distributed(dist_backend="gloo" if on_cpu else get_accelerator().communication_backend_name())
     info = RankInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
                     local_rank=int(os.environ["LOCAL_RANK"]),
-                    local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())))
+                    local_world_size=_local_world_size())
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(info.local_rank)
     return info
+
+
+def _local_world_size() -> int:
+    # torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE; a bare process is alone.
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return 1 if "WORLD_SIZE" not in os.environ else int(os.environ["WORLD_SIZE"])
 
 
 def _free_port() -> int:
