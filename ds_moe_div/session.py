@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from ds_moe_div import checkpoint
@@ -21,7 +21,6 @@ from ds_moe_div.config_loader import dump_config, to_dict
 from ds_moe_div.data import BatchLoader, PreparedData, check_enough, prepare_data
 from ds_moe_div.distributed import (
     RankInfo,
-    all_reduce_sum,
     divergence_group,
     init_distributed,
     main_rank_first,
@@ -29,9 +28,10 @@ from ds_moe_div.distributed import (
     set_cpu_threads,
 )
 from ds_moe_div.ds_config import check_ds_config, engine_config
+from ds_moe_div.evaluation.heldout import heldout_sums, summarize
 from ds_moe_div.log_window import LogWindow
 from ds_moe_div.metrics.accumulator import RoutingAccumulator
-from ds_moe_div.model import IGNORE_INDEX, MoELanguageModel
+from ds_moe_div.model import MoELanguageModel
 from ds_moe_div.monitor import Monitor
 
 
@@ -55,23 +55,16 @@ class TrainState:
     def evaluate(self, split: str = "val") -> dict:
         """Held-out LM loss over `eval_batches` global batches, overall and per domain (all ranks reduced)."""
         names = self.data.domain_names
-        sums = torch.zeros(2 * (len(names) + 1), dtype=torch.float64)  # [nll, count] overall then per domain
         loader = BatchLoader(self.data.splits[split], micro_batch_size=self.micro_batch_size, rank=self.info.rank,
                              world_size=self.info.world_size, shuffle=False, loop=False)
         self.engine.eval()
-        with torch.no_grad():
-            for i, batch in enumerate(loader):
-                if i >= self.cfg.train.eval_batches:
-                    break
-                out = self.engine(batch["input_ids"], labels_BS=batch["labels"])
-                sums += _nll_sums(out.token_nll_BS, batch["labels"], batch["domain_ids"], len(names))
+        sums = heldout_sums(self.engine, islice(loader, self.cfg.train.eval_batches), num_domains=len(names))
         self.engine.train()
-        all_reduce_sum(sums)
-        nll, count = sums.view(-1, 2).unbind(-1)
-        result = {f"eval/{split}_lm_loss": float(nll[0] / count[0].clamp(min=1))}
-        for d, name in enumerate(names):
-            if count[d + 1] > 0:
-                result[f"eval/{split}_lm_loss/{name}"] = float(nll[d + 1] / count[d + 1])
+        summary = summarize(sums, names)
+        result = {f"eval/{split}_lm_loss": summary.lm_loss or 0.0}
+        for name, domain in summary.per_domain.items():
+            if domain.tokens > 0:
+                result[f"eval/{split}_lm_loss/{name}"] = domain.lm_loss
         return result
 
     def save(self) -> None:
@@ -81,17 +74,6 @@ class TrainState:
 
     def loader_state(self) -> dict:
         return self.loader.state_dict()
-
-
-def _nll_sums(nll_BS, labels_BS, domain_ids_BS, num_domains: int) -> torch.Tensor:
-    valid = labels_BS != IGNORE_INDEX
-    dom = torch.where(valid, domain_ids_BS, -1).flatten()
-    nll = torch.where(valid, nll_BS, 0.0).flatten().double()
-    per_nll = torch.zeros(num_domains + 1, dtype=torch.float64).index_add_(0, dom + 1, nll)
-    per_cnt = torch.zeros(num_domains + 1, dtype=torch.float64).index_add_(0, dom + 1, valid.flatten().double())
-    out = torch.stack([per_nll, per_cnt], dim=-1)  # row 0 collects unlabelled targets
-    out[0] = torch.stack([nll.sum(), valid.sum().double()])
-    return out.flatten()
 
 
 def build(cfg: ExperimentConfig, ds: dict) -> TrainState:

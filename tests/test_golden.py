@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.dist_utils import run_on_ranks
-from tests.test_training import SMOKE, DS_ZERO2
+from tests.test_training import DS_ZERO2, SMOKE
 
 GOLDEN = Path(__file__).parent / "golden" / "smoke_losses.json"
 STEPS = 8

@@ -52,7 +52,11 @@ class DataConfig:
     (`hf_config`, `hf_split` pick the subset; HF_DATASETS_OFFLINE=1 works with local files).
     domain_column may be dotted for nested fields ("meta.pile_set_name"). label_map: see labels.py
     (raw -> class or class -> [raws]; unknown_labels applies only with a map). max_documents keeps a seeded
-    random subset (split_seed) of that many documents. streaming re-reads the corpus on each pass instead
+    random subset (split_seed) of that many documents. include_labels keeps only the documents of these
+    classes (names after label_map; empty = all) and shuffle_labels_seed permutes the classes among the
+    documents of each split (the negative control: proportions kept, names unchanged); both act after the
+    split and the tokenizer, so splits and tokenizer stay those of the full corpus (see documents.py
+    `apply_label_options`). streaming re-reads the corpus on each pass instead
     of holding it in memory; the result is identical. num_proc goes to `datasets.load_dataset`; the
     tokenizer's batch API uses all cores on its own (RAYON_NUM_THREADS limits it).
     """
@@ -70,6 +74,8 @@ class DataConfig:
     test_fraction: float = 0.05
     split_seed: int = 1234
     max_documents: int | None = None
+    include_labels: tuple[str, ...] = ()
+    shuffle_labels_seed: int | None = None
     streaming: bool = False
     num_proc: int = 2
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -95,6 +101,8 @@ class DataConfig:
                "so that the train split keeps documents")
         _check(self.max_documents is None or self.max_documents >= 1,
                f"max_documents={self.max_documents}: must be >= 1, or null for all documents")
+        _check(len(set(self.include_labels)) == len(self.include_labels) and all(self.include_labels),
+               f"include_labels={list(self.include_labels)}: names must be non-empty and distinct")
         _check(self.num_proc >= 1, f"num_proc={self.num_proc}: must be >= 1")
         _check(bool(self.hf_split), "hf_split is empty: name the datasets split to read (e.g. train)")
         _check(isinstance(self.tokenizer, TokenizerConfig), "tokenizer must be a TokenizerConfig")

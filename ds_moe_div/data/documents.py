@@ -19,12 +19,13 @@ from .errors import DataError, at
 from .labels import LabelScheme, build_scheme, label_key, load_label_map
 from .readers import Source, iter_rows
 
-EMPTY, DUPLICATE, SUBSAMPLED = -1, -2, -3
+EMPTY, DUPLICATE, SUBSAMPLED, EXCLUDED = -1, -2, -3, -4
 
 
 @dataclass(frozen=True)
 class Scan:
-    """domain_R[r] = domain id of corpus row r, or EMPTY / DUPLICATE / SUBSAMPLED; bytes_R its UTF-8 size."""
+    """domain_R[r] = domain id of corpus row r, or EMPTY / DUPLICATE / SUBSAMPLED / EXCLUDED (include_labels);
+    bytes_R its UTF-8 size."""
 
     domain_R: np.ndarray
     bytes_R: np.ndarray
@@ -105,3 +106,41 @@ def iter_documents(source: Source, cfg: DataConfig, scan: Scan) -> Iterator[tupl
     if n_rows != len(scan.domain_R):
         raise DataError(f"{source.hf_name or source.files[0]}: the corpus changed while it was being read ({len(scan.domain_R)} rows, then "
                         f"{n_rows}); do not modify it during prepare_data")
+
+
+def label_options_key(cfg: DataConfig) -> dict | None:
+    """The part of the cache key for include_labels / shuffle_labels_seed (None when both are off, so
+    existing cache entries keep their keys). Not part of the tokenizer key: the options act after it."""
+    if not cfg.include_labels and cfg.shuffle_labels_seed is None:
+        return None
+    return {"include_labels": list(cfg.include_labels), "shuffle_labels_seed": cfg.shuffle_labels_seed}
+
+
+def apply_label_options(scan: Scan, split_R: np.ndarray, cfg: DataConfig) -> tuple[Scan, np.ndarray]:
+    """include_labels, then shuffle_labels_seed, applied after the split (and the tokenizer) was fixed.
+
+    include_labels keeps the documents of those classes (ids renumbered in the scheme's order); the
+    others become UNUSED in split_R and EXCLUDED in domain_R. shuffle_labels_seed permutes the
+    domain ids among the used documents of each split with rng([seed, split]): each split keeps its
+    document count per class and its documents; only which document carries which name changes.
+    """
+    domain_R, split_R, scheme = scan.domain_R.copy(), split_R.copy(), scan.scheme
+    if cfg.include_labels:
+        names = scheme.domain_names
+        missing = [n for n in cfg.include_labels if n not in names]
+        if missing:
+            raise DataError(f"include_labels names {missing}, which are not classes of domain_column "
+                            f"{cfg.domain_column!r}; classes: {list(names)}")
+        kept = [d for d, n in enumerate(names) if n in cfg.include_labels]
+        new_id = np.full(len(names), EXCLUDED, dtype=np.int16)
+        new_id[kept] = np.arange(len(kept))
+        used = domain_R >= 0
+        domain_R[used] = new_id[domain_R[used]]
+        split_R[domain_R < 0] = -1
+        raw_to_id = {raw: int(new_id[d]) for raw, d in scheme.raw_to_id.items() if new_id[d] >= 0}
+        scheme = LabelScheme(tuple(names[d] for d in kept), raw_to_id, scheme.unknown_as_other)
+    if cfg.shuffle_labels_seed is not None:
+        for s in np.unique(split_R[split_R >= 0]).tolist():
+            rows = np.flatnonzero(split_R == s)
+            domain_R[rows] = np.random.default_rng([cfg.shuffle_labels_seed, s]).permutation(domain_R[rows])
+    return Scan(domain_R, scan.bytes_R, scheme, scan.texts), split_R

@@ -27,7 +27,16 @@ from .cache import (
     write_json_atomic,
 )
 from .config import DataConfig, cache_root
-from .documents import DUPLICATE, EMPTY, SUBSAMPLED, Scan, iter_documents, scan_corpus
+from .documents import (
+    DUPLICATE,
+    EMPTY,
+    SUBSAMPLED,
+    Scan,
+    apply_label_options,
+    iter_documents,
+    label_options_key,
+    scan_corpus,
+)
 from .errors import DataError
 from .labels import load_label_map
 from .packing import DocStore, pack_split
@@ -53,6 +62,8 @@ def _keys(cfg: DataConfig, source: Source) -> tuple[str, str, dict]:
                                                                           tok.max_train_mb],
     }
     tokenizer_key = key_of(parts)
+    if label_options_key(cfg) is not None:  # after the tokenizer key: the options act after the tokenizer
+        parts["label_options"] = label_options_key(cfg)
     parts["packing"] = [cfg.packing, cfg.seq_len]
     return tokenizer_key, key_of(parts), parts
 
@@ -144,6 +155,8 @@ def _build(cfg: DataConfig, source: Source, entry: Path, tokenizer_cache: Path, 
     with atomic_entry(entry) as tmp:
         tokenizer = _tokenizer(cfg, source, scan, split_R, tokenizer_cache, show_progress)
         tokenizer.save(str(tmp / "tokenizer.json"))
+        scan, split_R = apply_label_options(scan, split_R, cfg)
+        names = scan.scheme.domain_names
         pad_id, eos_id = special_ids(tokenizer)
         stores = {name: DocStore(tmp / f"{name}.docs.bin") for name in SPLITS}
         docs, tokens = _tokenize(cfg, source, scan, split_R, tokenizer, eos_id, stores, show_progress)
