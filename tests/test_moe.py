@@ -83,3 +83,17 @@ def test_dropless_routing_keeps_every_slot():
     moe = make(2, capacity_factor=0.1, drop_tokens=False)
     _, rec = moe(torch.randn(2, 16, M), collect_expert_outputs=True)
     assert rec.kept_TK.all()
+
+
+def test_residual_moe_mixes_a_dense_expert():
+    torch.manual_seed(0)
+    moe = RoutedMoE(M, SwiGLU(M, 32), layer_id=0, num_experts=E, ep_size=1, k=2, capacity_factor=2.0,
+                    eval_capacity_factor=2.0, min_capacity=0, use_residual=True, noisy_gate_policy=None,
+                    drop_tokens=True, use_rts=False, top2_2nd_expert_sampling=False)
+    names = [n for n, _ in moe.named_parameters()]
+    assert any(n.startswith("mlp.") for n in names) and not any("expert" in n for n in names if n.startswith("mlp."))
+    x = torch.randn(2, 8, M)
+    out, _ = moe(x)
+    routed = moe.deepspeed_moe(x)
+    coef = torch.softmax(moe.coefficient(x), -1)
+    torch.testing.assert_close(out, routed * coef[..., :1] + moe.mlp(x) * coef[..., 1:])

@@ -142,3 +142,33 @@ def test_ep2_and_zero0_match_ep1_zero2(variant, tmp_path):
     for rank_a, rank_b in zip(base, other):
         for step_a, step_b in zip(rank_a, rank_b):
             assert step_b == pytest.approx(step_a, rel=1e-4, abs=1e-6)
+
+
+def _init_from(rank, world_size, source, tmp, overrides):
+    import torch
+
+    from ds_moe_div.checkpoint import CheckpointError
+    from ds_moe_div.config import load_experiment
+    from ds_moe_div.session import build
+
+    cfg = load_experiment(SMOKE, [f"train.run_dir={tmp}", f"train.init_from={source}", "train.show_progress=false",
+                                  *overrides])
+    try:
+        state = build(cfg, json.loads(DS_ZERO2.read_text()))
+    except CheckpointError as e:
+        return str(e)
+    saved = torch.load(Path(source) / "checkpoints" / "global_step6" / "mp_rank_00_model_states.pt",
+                       weights_only=False)["module"]
+    module = state.engine.module.state_dict()
+    same = all(torch.equal(module[k], v) for k, v in saved.items() if k in module)
+    return {"step": state.step, "same_weights": same, "checked": sum(k in module for k in saved)}
+
+
+def test_init_from_starts_a_new_run_from_another_runs_weights(smoke_run, tmp_path):
+    run_dir, _ = smoke_run
+    result = run_on_ranks(_init_from, world_size=1, timeout=300,
+                          args=(str(run_dir), str(tmp_path / "ft"), ["objectives.divergence.coef=0"]))[0]
+    assert result["step"] == 0 and result["same_weights"] and result["checked"] > 0
+    mismatch = run_on_ranks(_init_from, world_size=1, timeout=300,
+                            args=(str(run_dir), str(tmp_path / "bad"), ["model.d_model=32"]))[0]
+    assert "does not match the model" in mismatch and "d_model: checkpoint 64 vs config 32" in mismatch
