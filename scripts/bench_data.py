@@ -1,7 +1,9 @@
-"""Data pipeline throughput: BPE training, batch tokenisation, prepare_data (cold and cached), loader.
+"""Data pipeline throughput: corpus build, BPE training, batch tokenisation, prepare_data (cold and
+cached), loader, and the loader's tokens/s against the trainer's (target: loader >= 20x trainer).
 
     .venv/bin/python scripts/bench_data.py                     # on the committed fixture
-    .venv/bin/python scripts/bench_data.py --corpus builtin --corpus-dir data/corpus --repeat 1
+    .venv/bin/python scripts/bench_data.py --corpus builtin --corpus-dir data/builtin --repeat 1 \
+        --build-corpus lite --mb-per-subdomain 1
 """
 
 from __future__ import annotations
@@ -36,7 +38,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=8, help="tokenise the corpus this many times (small corpora)")
     parser.add_argument("--micro-batch-size", type=int, default=16)
     parser.add_argument("--loader-steps", type=int, default=2000)
+    parser.add_argument("--build-corpus", choices=("lite", "full"), default=None,
+                        help="first (re)build the built-in corpus into --corpus-dir and time it (uses the cache)")
+    parser.add_argument("--mb-per-subdomain", type=float, default=1.0)
     args = parser.parse_args()
+    if args.build_corpus:
+        bench_corpus_build(args)
 
     with tempfile.TemporaryDirectory() as cache:
         cfg = DataConfig(corpus=args.corpus, corpus_dir=args.corpus_dir, cache_dir=cache, seq_len=args.seq_len,
@@ -71,6 +78,52 @@ def main() -> None:
         print(f"BatchLoader (micro {args.micro_batch_size}, natural): "
               f"{args.loader_steps * args.micro_batch_size * args.seq_len / seconds / 1e6:.2f} M tokens/s, "
               f"{seconds / args.loader_steps * 1e6:.0f} us/batch")
+        loader_tps = args.loader_steps * args.micro_batch_size * args.seq_len / seconds
+        trainer_tps = trainer_tokens_per_s(data.vocab_size, args.seq_len)
+        print(f"trainer (tiny config, fwd+bwd+AdamW, 1 process): {trainer_tps:.0f} tokens/s; "
+              f"loader / trainer = {loader_tps / trainer_tps:.0f}x (target >= 20x)")
+
+
+def bench_corpus_build(args) -> None:
+    from ds_moe_div.corpus import build_corpus
+
+    out = Path(args.corpus_dir or "data/builtin")
+    path, seconds = timed(lambda: build_corpus(out, mb_per_subdomain=args.mb_per_subdomain, tier=args.build_corpus,
+                                               show_progress=False))
+    mb = sum(len(line) for line in _jsonl_texts(path)) / 1e6
+    print(f"corpus build ({args.build_corpus}, {args.mb_per_subdomain} MB/subdomain, cache as found): "
+          f"{seconds:.1f} s, {mb:.1f} MB of text, {mb / seconds:.2f} MB/s")
+
+
+def _jsonl_texts(path):
+    import gzip
+    import json
+
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)["text"].encode("utf-8")
+
+
+def trainer_tokens_per_s(vocab: int, seq_len: int, micro: int = 8, steps: int = 5) -> float:
+    """The tiny experiment's model (d=128, 4 layers, 8 experts, top-2) on this process's threads."""
+    import torch
+
+    from ds_moe_div.config import load_experiment
+    from ds_moe_div.model import MoELanguageModel
+
+    cfg = load_experiment(Path(__file__).resolve().parents[1] / "ds_configs/experiments/tiny.json").model
+    model = MoELanguageModel(cfg, vocab_size=vocab, seq_len=seq_len, seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, vocab, (micro, seq_len))
+
+    def step():
+        model(ids, labels_BS=ids).lm_loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    step()
+    _, seconds = timed(lambda: [step() for _ in range(steps)])
+    return steps * micro * seq_len / seconds
 
 
 if __name__ == "__main__":
