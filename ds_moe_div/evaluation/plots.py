@@ -1,0 +1,73 @@
+"""Figures of one evaluation: expert-by-domain heatmaps per layer, the cross-layer summary, delta-PPL bars.
+
+PNG files for report.md (paths relative to the report), and the same figures in TensorBoard. Heatmaps
+come from `ds_moe_div.metrics.figures` (one colour scale, NaN rows grey and marked "n/a").
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from ds_moe_div.metrics.accumulator import RoutingStats
+from ds_moe_div.metrics.figures import (
+    domain_expert_heatmap,
+    layers_summary_figure,
+    save_png,
+)
+
+HEATMAP_TITLE = "held-out top-k selection frequency"
+
+
+def routing_figures(stats: RoutingStats, domain_names: Sequence[str]) -> dict:
+    """{name: Figure}: `heatmap_layer_<id>` per MoE layer and `heatmap_all_layers`."""
+    matrices = stats.matrices()
+    freqs = [matrices[f"routing/frequency/layer_{lid}"] for lid in stats.layer_ids]
+    figures = {f"heatmap_layer_{lid}": domain_expert_heatmap(freq, domain_names, title=HEATMAP_TITLE, layer=lid)
+               for lid, freq in zip(stats.layer_ids, freqs)}
+    figures["heatmap_all_layers"] = layers_summary_figure(freqs, domain_names, layer_ids=stats.layer_ids,
+                                                          title=HEATMAP_TITLE, ncols=math.ceil(len(freqs) ** 0.5))
+    return figures
+
+
+def delta_ppl_figure(delta: dict, domain_names: Sequence[str]):
+    """Grouped bars: delta-PPL per permuted layer (and all layers), one bar per domain plus overall,
+    error bars = std over seeds."""
+    groups = list(delta)
+    series = [("all tokens", [delta[g]["mean"] for g in groups], [delta[g]["std"] for g in groups])]
+    series += [(name, [delta[g]["per_domain"][name]["mean"] for g in groups],
+                [delta[g]["per_domain"][name]["std"] for g in groups]) for name in domain_names]
+    fig = Figure(figsize=(min(3.0 + 0.9 * len(groups) * len(series) ** 0.5, 16.0), 3.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    width = 0.8 / len(series)
+    x = np.arange(len(groups))
+    for i, (label, means, stds) in enumerate(series):
+        heights = [np.nan if m is None else m for m in means]
+        errors = [0.0 if s is None else s for s in stds]
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, heights, width, yerr=errors, label=label,
+               capsize=2, color="black" if i == 0 else None)
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.set_xticks(x, [g.replace("_", " ") for g in groups])
+    ax.set_ylabel("PPL(permuted) - PPL")
+    ax.set_title("router-permutation delta-PPL (mean ± std over seeds)")
+    ax.legend(fontsize=8, ncols=min(len(series), 4))
+    return fig
+
+
+def save_figures(figures: dict, out_dir: Path) -> list[str]:
+    """Write each figure as figures/<name>.png under out_dir; return the paths relative to out_dir."""
+    return [str(save_png(fig, out_dir / "figures" / f"{name}.png").relative_to(out_dir))
+            for name, fig in figures.items()]
+
+
+def log_to_tensorboard(monitor, figures: dict, scalars: dict[str, float], *, step: int) -> None:
+    """Scalars and figures under their tags at the checkpoint's step (rank 0)."""
+    monitor.scalars(scalars, step)
+    for name, fig in figures.items():
+        monitor.image(name, fig, step)
+    monitor.flush()

@@ -1,0 +1,178 @@
+"""Evaluation end to end on a tiny checkpoint trained in-process to route domains apart.
+
+    .venv/bin/python -m pytest tests/test_evaluation_e2e.py -q      (~1 minute on 2 cores)
+
+One 1-rank process trains and saves the checkpoint; one evaluates it (identity permutation, weights
+restored, full report); two gloo ranks evaluate it again (same numbers); the CLI evaluates it with
+another label scheme and writes the figures and TensorBoard events.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from itertools import islice
+from pathlib import Path
+
+import pytest
+
+from tests.dist_utils import run_on_ranks
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "ds_configs" / "experiments" / "smoke.json"
+DS_ZERO2 = ROOT / "ds_configs" / "ds_zero2_cpu.json"
+STEPS = 60
+# Whole test split (974 sequences) in micro-batches of 16: 61 on 1 rank; 2 ranks add one of pure padding.
+EVAL_ARGS = ["--max-batches", "all", "--permutation-seeds", "2", "--micro-batch-size", "16", "--no-progress"]
+
+pytestmark = pytest.mark.slow
+
+
+def _train(rank, world_size, run_dir):
+    from ds_moe_div.config import load_experiment
+    from ds_moe_div.session import build
+    from ds_moe_div.train import train_step
+
+    cfg = load_experiment(SMOKE, [f"train.run_dir={run_dir}", "train.show_progress=false", f"train.steps={STEPS}",
+                                  "objectives.divergence.coef=1.0", "objectives.orthogonality.coef=0",
+                                  "objectives.variance.coef=0", "objectives.z_loss.coef=0"])
+    ds = json.loads(DS_ZERO2.read_text())
+    ds["scheduler"]["params"].update(total_num_steps=STEPS, warmup_num_steps=5)
+    ds["optimizer"]["params"]["lr"] = 3e-3  # a short, strong run: I(D;E) ~0.23 nats vs ~0.04 without the loss
+    state = build(cfg, ds)
+    for _ in range(STEPS):
+        train_step(state)
+        state.window.reset()
+    state.save()
+
+
+def _identity_and_restore(run_dir) -> dict:
+    import torch
+
+    from ds_moe_div.data import BatchLoader
+    from ds_moe_div.evaluation.heldout import heldout_sums
+    from ds_moe_div.evaluation.loading import load_for_eval
+    from ds_moe_div.evaluation.permutation import draw_permutations, permuted_routers
+
+    loaded = load_for_eval(run_dir, show_progress=False)
+    layers = loaded.model.moe_layers()
+    loader = BatchLoader(loaded.data.splits["test"], micro_batch_size=8, shuffle=False, loop=False)
+
+    def sums():
+        return heldout_sums(loaded.engine, islice(loader, 6), num_domains=len(loaded.data.domain_names))
+
+    base = sums()
+    before = [layer.gate.wg.weight.detach().clone() for layer in layers]
+    with permuted_routers(layers, [torch.arange(len(before[0]))] * len(layers)):
+        identity = sums()
+    with permuted_routers(layers, draw_permutations(len(layers), len(before[0]), [0])[0]):
+        permuted = sums()
+    restored = all(torch.equal(layer.gate.wg.weight, b) for layer, b in zip(layers, before))
+    return {"identity_equal": torch.equal(base, identity), "permuted_differs": not torch.equal(base, permuted),
+            "restored": restored, "after_restore_equal": torch.equal(base, sums())}
+
+
+def _evaluate(rank, world_size, run_dir, out, checks):
+    from ds_moe_div.evaluation.runner import evaluate, parse_args
+
+    extra = _identity_and_restore(run_dir) if checks else None
+    report = evaluate(parse_args(["--run-dir", run_dir, "--out", out, *EVAL_ARGS]))
+    return report, extra
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("eval") / "run"
+    run_on_ranks(_train, world_size=1, args=(str(path),), timeout=300)
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_rank(run_dir):
+    out = run_dir / "eval" / "one_rank"
+    [(report, checks)] = run_on_ranks(_evaluate, world_size=1, args=(str(run_dir), str(out), True), timeout=300)
+    return report, checks, out
+
+
+def test_identity_permutation_changes_nothing_and_weights_are_restored(one_rank):
+    _, checks, _ = one_rank
+    assert checks == {"identity_equal": True, "permuted_differs": True, "restored": True,
+                      "after_restore_equal": True}
+
+
+def test_delta_ppl_is_positive_on_a_model_trained_to_route_domains_apart(one_rank):
+    report, _, _ = one_rank
+    delta = report["delta_ppl"]
+    assert set(delta) == {"layer_0", "layer_1", "all_layers"}
+    assert sum(delta[k]["mean"] for k in ("layer_0", "layer_1")) / 2 > 0
+    assert delta["all_layers"]["mean"] > 0
+    assert report["routing"]["routing/mi/mean"] > 0.1  # the divergence loss separated the domains
+    assert report["tokens"] == sum(d["tokens"] for d in report["per_domain"].values())
+
+
+def test_two_gloo_ranks_give_the_single_process_report(run_dir, one_rank):
+    single, _, _ = one_rank
+    out = run_dir / "eval" / "two_ranks"
+    results = run_on_ranks(_evaluate, world_size=2, args=(str(run_dir), str(out), False), timeout=300)
+    for report, _ in results:
+        assert report["eval"]["world_size"] == 2
+        assert report["tokens"] == single["tokens"]
+        assert report["lm_loss"] == pytest.approx(single["lm_loss"], rel=1e-9)
+        for name, domain in single["per_domain"].items():
+            assert report["per_domain"][name]["ppl"] == pytest.approx(domain["ppl"], rel=1e-9)
+        for key, entry in single["delta_ppl"].items():
+            assert report["delta_ppl"][key]["per_seed"] == pytest.approx(entry["per_seed"], rel=1e-6, abs=1e-9)
+        assert report["routing"].keys() == single["routing"].keys()
+        for tag, value in single["routing"].items():
+            assert report["routing"][tag] == pytest.approx(value, rel=1e-9, abs=1e-12), tag
+        assert report["routing_matrices"] == single["routing_matrices"]
+
+
+def test_report_files_and_figures_are_written(one_rank):
+    report, _, out = one_rank
+    md = (out / "report.md").read_text()
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["lm_loss"] == report["lm_loss"] and saved["config"]["train"]["steps"] == STEPS
+    assert saved["checkpoint"].endswith(f"global_step{STEPS}") and saved["step"] == STEPS
+    for figure in ("heatmap_layer_0", "heatmap_layer_1", "heatmap_all_layers", "delta_ppl"):
+        png = out / "figures" / f"{figure}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"(figures/{figure}.png)" in md
+
+
+def test_cli_with_another_label_scheme_writes_report_and_tensorboard(run_dir, one_rank):
+    cmd = [sys.executable, "-m", "ds_moe_div", "eval", "--run-dir", str(run_dir), "--max-batches", "4",
+           "--permutation-seeds", "1", "--domain-column", "group", "--tensorboard", "--no-progress"]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(cmd, cwd=run_dir.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        stdout, _ = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("ds-moe-div eval timed out")
+    assert proc.returncode == 0, stdout[-4000:]
+    out = run_dir / "eval" / f"global_step{STEPS}-by-group"
+    report = json.loads((out / "report.json").read_text())
+    assert report["domain_column"] == "group" and len(report["domain_names"]) == 7
+    assert "delta-PPL layer_0" in stdout and str(out / "report.md") in stdout
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"routing/heatmap/layer_0", "routing/heatmap/all_layers", "eval/test_delta_ppl"} <= set(tags["images"])
+    assert {"eval/test_lm_loss", "eval/test_ppl/code", "routing/mi/layer_1"} <= set(tags["scalars"])
+    assert events.Scalars("eval/test_lm_loss")[0].step == STEPS
+
+
+def test_compare_command_tables_two_reports(run_dir, one_rank, capsys):
+    from ds_moe_div.evaluation.compare import main
+
+    _, _, out = one_rank
+    assert main([str(out), str(run_dir / "eval" / "one_rank" / "report.json"), "--names", "a", "b",
+                 "--out", str(run_dir / "cmp")]) == 0
+    printed = capsys.readouterr().out
+    assert "| held-out LM loss (nats) |" in printed and "(+0)" in printed
+    assert (run_dir / "cmp" / "comparison.csv").read_text().startswith("metric,a,b,b - a")
