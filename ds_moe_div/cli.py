@@ -18,6 +18,7 @@ COMMANDS = {
     "prepare-corpus": ("ds_moe_div.corpus.cli", "build the domain-labelled corpus from package registries"),
     "eval": ("ds_moe_div.evaluation.runner", "evaluate a checkpoint: held-out PPL, delta-PPL, routing report"),
     "compare": ("ds_moe_div.evaluation.compare", "side-by-side table of several runs' evaluation reports"),
+    "sweep": ("ds_moe_div.sweep.cli", "run a sweep of variants x seeds, evaluate each, compare"),
 }
 
 

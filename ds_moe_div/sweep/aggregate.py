@@ -1,0 +1,220 @@
+"""Collect each run's eval report and TensorBoard curves; tabulate mean ± std over seeds per variant.
+
+    results = collect(plan.runs, plan.eval)
+    summary = summarise(results, variants=plan.variants, reference="baseline")
+    write_tables(summary, results, out_dir, title="objectives")   # comparison.md, comparison.csv, runs.csv
+
+Metrics per run (from RUN/eval/<tag>/report.json of its final checkpoint): lm_loss, ppl, ppl/<domain>,
+delta_ppl/all_layers and delta_ppl/layer_<i> (means over permutations), every routing/<...>/mean, and
+the last train/lm_loss and eval/val_lm_loss from TensorBoard. Std is the sample std over seeds (n-1);
+"Δ vs <reference>" is the mean of per-seed differences to the reference variant's run of the same seed,
+given only where both were evaluated on the same held-out tokens.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ds_moe_div.sweep.config import EvalSpec
+from ds_moe_div.sweep.plan import RunSpec, find_report
+
+CURVE_TAGS = ("train/lm_loss", "eval/val_lm_loss")
+MAX_DOMAIN_COLUMNS = 12
+HEADLINE = (("lm_loss", "LM loss"), ("ppl", "PPL"), ("delta_ppl/all_layers", "ΔPPL (all layers)"),
+            ("routing/mi/mean", "MI"), ("routing/max_violation/mean", "MaxVio"), ("routing/purity/mean", "purity"))
+
+
+@dataclass
+class RunResult:
+    variant: str
+    seed: int
+    run_dir: Path
+    report: dict | None = None
+    report_path: Path | None = None
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class VariantSummary:
+    variant: str
+    seeds: list[int]
+    mean: dict[str, float]
+    std: dict[str, float]
+    delta_to_reference: tuple[float, float] | None = None  # (mean, std) of per-seed lm_loss differences
+
+
+def read_scalars(tb_dir: Path, tags=CURVE_TAGS) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) per tag, sorted by step; a step logged twice (a resumed run) keeps its last value."""
+    if not tb_dir.is_dir():
+        return {}
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    available = set(acc.Tags().get("scalars", ()))
+    curves = {}
+    for tag in tags:
+        if tag in available:
+            by_step = {e.step: e.value for e in sorted(acc.Scalars(tag), key=lambda e: e.wall_time)}
+            curves[tag] = sorted(by_step.items())
+    return curves
+
+
+def _number(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def metrics_of(report: dict) -> dict[str, float]:
+    """The flat numeric metrics of one eval report (missing parts are left out)."""
+    metrics = {k: v for k in ("lm_loss", "ppl") if (v := _number(report.get(k))) is not None}
+    for domain, values in (report.get("per_domain") or {}).items():
+        if (v := _number((values or {}).get("ppl"))) is not None:
+            metrics[f"ppl/{domain}"] = v
+    delta = report.get("delta_ppl") or {}
+    for layer in sorted((k for k in delta if k.startswith("layer_")), key=lambda k: int(k.split("_")[1])):
+        if (v := _number((delta[layer] or {}).get("mean"))) is not None:
+            metrics[f"delta_ppl/{layer}"] = v
+    if (v := _number((delta.get("all_layers") or {}).get("mean"))) is not None:
+        metrics["delta_ppl/all_layers"] = v
+    for key, value in (report.get("routing") or {}).items():
+        if (v := _number(value)) is not None:
+            metrics[key] = v
+    return metrics
+
+
+def collect(runs: list[RunSpec], spec: EvalSpec) -> list[RunResult]:
+    results = []
+    for run in runs:
+        result = RunResult(run.variant, run.seed, run.run_dir, curves=read_scalars(run.run_dir / "tensorboard"))
+        report_path = find_report(run.run_dir, run.steps, spec)
+        if report_path is not None:
+            result.report, result.report_path = json.loads(report_path.read_text()), report_path
+            result.metrics = metrics_of(result.report)
+        for tag, name in (("train/lm_loss", "final/train_lm_loss"), ("eval/val_lm_loss", "final/val_lm_loss")):
+            if result.curves.get(tag) and result.report is not None:
+                result.metrics[name] = result.curves[tag][-1][1]
+        results.append(result)
+    return results
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    array = np.asarray(values, dtype=float)
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else math.nan
+
+
+def _same_held_out(run: RunResult, reference: RunResult) -> bool:
+    """Both losses were measured on the same held-out tokens (not, e.g., a fine-tuning run on one domain
+    against its pretrained parent on all of them)."""
+    a, b = run.report, reference.report
+    return ("lm_loss" in run.metrics and "lm_loss" in reference.metrics and a.get("tokens") == b.get("tokens")
+            and sorted(a.get("per_domain") or {}) == sorted(b.get("per_domain") or {}))
+
+
+def summarise(results: list[RunResult], *, variants, reference: str | None) -> list[VariantSummary]:
+    """One summary per variant that has at least one evaluated run, in `variants` order."""
+    reported = [r for r in results if r.report is not None]
+    ref = {r.seed: r for r in reported if r.variant == reference}
+    summaries = []
+    for variant in variants:
+        runs = [r for r in reported if r.variant == variant]
+        if not runs:
+            continue
+        keys = list(dict.fromkeys(k for r in runs for k in r.metrics))
+        stats = {k: _mean_std([r.metrics[k] for r in runs if k in r.metrics]) for k in keys}
+        diffs = [r.metrics["lm_loss"] - ref[r.seed].metrics["lm_loss"] for r in runs
+                 if r.seed in ref and _same_held_out(r, ref[r.seed])]
+        summaries.append(VariantSummary(variant, [r.seed for r in runs], {k: v[0] for k, v in stats.items()},
+                                        {k: v[1] for k, v in stats.items()},
+                                        _mean_std(diffs) if diffs and variant != reference else None))
+    return summaries
+
+
+def _cell(mean: float | None, std: float | None) -> str:
+    if mean is None or math.isnan(mean):
+        return ""
+    return f"{mean:.4g}" if std is None or math.isnan(std) else f"{mean:.4g} ± {std:.2g}"
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
+
+
+def _by_metric(summaries: list[VariantSummary], metrics: list[str]) -> list[list[str]]:
+    return [[s.variant, str(len(s.seeds))] + [_cell(s.mean.get(m), s.std.get(m)) for m in metrics] for s in summaries]
+
+
+def markdown(summaries: list[VariantSummary], results: list[RunResult], *, title: str, split: str,
+             reference: str | None, figures: list[str] = ()) -> str:
+    missing = [f"{r.variant}/seed{r.seed}" for r in results if r.report is None]
+    text = [f"# Sweep {title}\n", f"Held-out split `{split}`; mean ± sample std over seeds (column n). "
+            f"{len(results) - len(missing)} of {len(results)} runs evaluated."
+            + (f" Not evaluated yet: {', '.join(missing)}." if missing else "") + "\n"]
+    header = ["variant", "n", "LM loss", f"Δ LM loss vs {reference}"] + [label for _, label in HEADLINE[1:]]
+    rows = [[s.variant, str(len(s.seeds)), _cell(s.mean.get("lm_loss"), s.std.get("lm_loss")),
+             _cell(*s.delta_to_reference) if s.delta_to_reference else ""]
+            + [_cell(s.mean.get(m), s.std.get(m)) for m, _ in HEADLINE[1:]] for s in summaries]
+    text += ["## LM loss, specialisation and routing\n", _md_table(header, rows)]
+    domains = list(dict.fromkeys(k for s in summaries for k in s.mean if k.startswith("ppl/")))
+    if len(domains) > MAX_DOMAIN_COLUMNS:
+        note = (f"{len(domains)} domains: see comparison.csv (set the sweep's eval.domain_column to compare "
+                "every run on one label scheme).\n")
+        text += ["## Per-domain PPL\n", note]
+    elif domains:
+        note = ("A variant evaluated with another label scheme (e.g. subdomain labels) has its own columns; "
+                "blanks are domains it does not have.\n")
+        text += ["## Per-domain PPL\n", note,
+                 _md_table(["variant", "n"] + [d[4:] for d in domains], _by_metric(summaries, domains))]
+    layers = list(dict.fromkeys(k for s in summaries for k in s.mean if k.startswith("delta_ppl/layer_")))
+    if layers:
+        text += ["## Router-permutation ΔPPL per MoE layer\n",
+                 _md_table(["variant", "n"] + [k.split("/")[1] for k in layers] + ["all layers"],
+                           _by_metric(summaries, layers + ["delta_ppl/all_layers"]))]
+    text += [f"![{Path(f).stem}]({f})\n" for f in figures]
+    return "\n".join(text)
+
+
+def _csv(rows: list[dict]) -> str:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_tables(summaries: list[VariantSummary], results: list[RunResult], out_dir: Path, *, title: str,
+                 split: str, reference: str | None, figures: list[str] = ()) -> list[Path]:
+    """comparison.md, comparison.csv (one row per variant) and runs.csv (one row per evaluated run)."""
+    rows = []
+    for s in summaries:
+        row = {"variant": s.variant, "n": len(s.seeds), "seeds": " ".join(map(str, s.seeds))}
+        if s.delta_to_reference:
+            row.update({"delta_lm_loss_vs_reference_mean": s.delta_to_reference[0],
+                        "delta_lm_loss_vs_reference_std": s.delta_to_reference[1]})
+        for key in s.mean:
+            row.update({f"{key}_mean": s.mean[key], f"{key}_std": s.std[key]})
+        rows.append(row)
+    per_run = [{"variant": r.variant, "seed": r.seed, "run_dir": str(r.run_dir), **r.metrics}
+               for r in results if r.report is not None]
+    paths = [out_dir / "comparison.md", out_dir / "comparison.csv", out_dir / "runs.csv"]
+    write_atomic(paths[0], markdown(summaries, results, title=title, split=split, reference=reference,
+                                    figures=figures))
+    write_atomic(paths[1], _csv(rows))
+    write_atomic(paths[2], _csv(per_run))
+    return paths

@@ -1,0 +1,112 @@
+"""Run a sweep: every (variant, seed) through the deepspeed launcher, evaluate, compare.
+
+    python -m ds_moe_div.sweep ds_configs/sweeps/objectives.json [--quick] [--dry-run] [--only VARIANT ...]
+    python -m ds_moe_div.sweep ds_configs/sweeps/objectives.json --aggregate-only   # tables + plots only
+
+Finished runs are skipped, interrupted ones resumed (rerunning the same command continues a sweep);
+a failed run is reported and the others go on; the exit code is 1 when any run failed. Outputs in the
+sweep's output_dir: <variant>/seed<k>/ (run dirs, with train.log), comparison.md, comparison.csv,
+runs.csv, loss_curves.png, delta_ppl_per_layer.png, heatmaps.png. See ds_moe_div/sweep/config.py for
+the file format.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from ds_moe_div.config_loader import ConfigError
+from ds_moe_div.sweep.aggregate import collect, summarise, write_tables
+from ds_moe_div.sweep.config import load_sweep
+from ds_moe_div.sweep.launch import DS_CONFIG_NAME, eval_command, train_command
+from ds_moe_div.sweep.plan import Plan, State, build_plan, detect, select
+from ds_moe_div.sweep.plots import plot_all
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m ds_moe_div.sweep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep", type=Path, help="sweep file (ds_configs/sweeps/*.json)")
+    parser.add_argument("--quick", action="store_true", help="the sweep's small 'quick' version (CPU, minutes)")
+    parser.add_argument("--dry-run", action="store_true", help="print the runs, their states and commands; run nothing")
+    parser.add_argument("--only", nargs="+", metavar="VARIANT", help="run only these variants (and those they start from)")
+    parser.add_argument("--aggregate-only", action="store_true", help="only rebuild the tables and plots")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def print_plan(plan: Plan, runs) -> None:
+    print(f"sweep {plan.sweep.name}{' (quick)' if plan.quick else ''}: {len(runs)} runs -> {plan.output_dir}\n"
+          f"  base config: {plan.base_config}\n  deepspeed:   {plan.deepspeed_config} ({plan.sweep.num_ranks} ranks)")
+    for run in runs:
+        status = detect(run, plan.eval)
+        print(f"\n{run.key}: {status.state.value} - {status.detail}")
+        if status.state in (State.FRESH, State.RESUME):
+            cmd = train_command(plan, run, run.run_dir / DS_CONFIG_NAME, resume=status.state is State.RESUME,
+                                gpu=None, port="<free>")
+            print("  train: " + shlex.join(cmd))
+        if status.state in (State.FRESH, State.RESUME, State.NEEDS_EVAL):
+            print("  eval:  " + shlex.join(eval_command(run, plan.eval)))
+
+
+def write_comparison(plan: Plan) -> list[Path]:
+    """Tables and plots over every run of the plan that has an eval report."""
+    results = collect(list(plan.runs), plan.eval)
+    reference = plan.sweep.reference_variant if plan.sweep.reference_variant in plan.variants else None
+    summaries = summarise(results, variants=plan.variants, reference=reference)
+    figures = plot_all(results, summaries, plan.variants, plan.output_dir)
+    title = plan.sweep.name + (" (quick)" if plan.quick else "")
+    return write_tables(summaries, results, plan.output_dir, title=title, split=plan.eval.split,
+                        reference=reference, figures=[f.name for f in figures]) + figures
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        plan = build_plan(load_sweep(args.sweep), args.sweep, quick=args.quick)
+        runs = select(plan, args.only)
+    except (ConfigError, ValueError) as e:
+        print(f"ds_moe_div.sweep: error: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print_plan(plan, runs)
+        return 0
+    failed = []
+    if not args.aggregate_only:
+        from ds_moe_div.sweep.launch import gpu_slots
+        from ds_moe_div.sweep.runner import eval_available, execute
+
+        if not eval_available():
+            print("warning: this install has no `ds-moe-div eval` command: runs are trained, their evaluation "
+                  "fails; rerun the sweep once it exists to evaluate them", file=sys.stderr)
+        import torch
+
+        on_main_thread = threading.current_thread() is threading.main_thread()
+        # `kill` ends the runs in flight too, as Ctrl-C does.
+        previous = signal.signal(signal.SIGTERM, _interrupt) if on_main_thread else None
+        try:
+            outcomes = execute(plan, runs, slots=gpu_slots(plan.sweep.num_ranks),
+                               on_cpu=not torch.cuda.is_available(), progress=not args.no_progress)
+        except KeyboardInterrupt:
+            print("\ninterrupted: the runs in flight were stopped; rerun the same command to resume them",
+                  file=sys.stderr)
+            return 130
+        finally:
+            if on_main_thread:
+                signal.signal(signal.SIGTERM, previous)
+        failed = [o for o in outcomes if not o.ok]
+    paths = write_comparison(plan)
+    print("\n" + "\n".join(f"  {p}" for p in paths))
+    for outcome in failed:
+        print(f"FAILED {outcome.run.key}: {outcome.message}", file=sys.stderr)
+    if failed:
+        print(f"{len(failed)} of {len(runs)} runs failed; rerun the same command to retry them "
+              "(finished runs are skipped)", file=sys.stderr)
+    return 1 if failed else 0

@@ -1,0 +1,111 @@
+"""Sweep files load strictly: every shipped sweep (and its --quick version) plans with valid configs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ds_moe_div.config_loader import ConfigError
+from ds_moe_div.ds_config import check_ds_config, load_ds_config
+from ds_moe_div.sweep.config import dependency_order, load_sweep
+from ds_moe_div.sweep.plan import build_plan
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEPS = sorted((ROOT / "ds_configs" / "sweeps").glob("*.json"))
+SMOKE = ROOT / "ds_configs" / "experiments" / "smoke.json"
+DS_ZERO2 = ROOT / "ds_configs" / "ds_zero2_cpu.json"
+
+
+def write_sweep(tmp_path: Path, **fields) -> Path:
+    data = {"name": "t", "base_config": str(SMOKE), "deepspeed_config": str(DS_ZERO2),
+            "variants": {"a": [], "b": ["objectives.divergence.coef=0.01"]}, "output_dir": str(tmp_path / "out")}
+    data.update(fields)
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=[p.stem for p in SWEEPS])
+@pytest.mark.parametrize("quick", [False, True])
+def test_every_shipped_sweep_plans_and_validates(path, quick):
+    sweep = load_sweep(path)
+    assert sweep.quick is not None, f"{path.name} needs a quick section (CI runs it)"
+    plan = build_plan(sweep, path, quick=quick)
+    ds = load_ds_config(plan.deepspeed_config)
+    for run in plan.runs:
+        check_ds_config(ds, run.config, world_size=sweep.num_ranks, on_cpu=True)
+        assert run.config.train.seed == run.seed and Path(run.config.train.run_dir) == run.run_dir
+    if quick:
+        assert len(plan.runs) <= 3 and all(r.steps <= 30 for r in plan.runs)
+        assert all(r.config.data.corpus == "fixture" for r in plan.runs)
+
+
+def test_shipped_objectives_sweep_has_the_issue_variants():
+    sweep = load_sweep(ROOT / "ds_configs" / "sweeps" / "objectives.json")
+    plan = build_plan(sweep, ROOT / "ds_configs" / "sweeps" / "objectives.json")
+    configs = {r.variant: r.config for r in plan.runs if r.seed == sweep.seeds[0]}
+    base = configs["baseline"].objectives
+    assert base.divergence.coef == base.orthogonality.coef == base.variance.coef == base.z_loss.coef == 0
+    assert configs["ed49_0.01"].data.domain_column == "subdomain"
+    shuffled = [r.config.data.shuffle_labels_seed for r in plan.runs if r.variant == "ed3_shuffled_0.01"]
+    assert shuffled == list(sweep.seeds)  # "{seed}": one label permutation per seed
+    assert configs["all"].objectives.divergence.coef > 0 and configs["all"].objectives.variance.coef > 0
+
+
+def test_shipped_posttrain_sweep_starts_from_the_pretrained_run():
+    path = ROOT / "ds_configs" / "sweeps" / "posttrain_math.json"
+    plan = build_plan(load_sweep(path), path)
+    for run in plan.runs:
+        if run.parent is None:
+            assert run.config.data.include_labels == ()
+            continue
+        parent = next(r for r in plan.runs if r.key == run.parent)
+        assert Path(run.config.train.init_from) == parent.run_dir and parent.seed == run.seed
+        assert run.config.data.include_labels == ("math",)
+        assert run.config.data.tokenizer == parent.config.data.tokenizer  # same token ids
+        assert plan.runs.index(parent) < plan.runs.index(run)
+
+
+def test_short_and_long_variant_forms(tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path, variants={"a": ["train.steps=3"], "b": {"overrides": [], "init_from": "a"}}))
+    assert sweep.variants["a"].overrides == ("train.steps=3",) and sweep.variants["b"].init_from == "a"
+    assert sweep.reference_variant == "a"
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"variantz": {}}, "unknown key 'variantz'; did you mean 'variants'"),
+    ({"eval": {"splitt": "test"}}, "unknown key 'eval.splitt'; did you mean 'eval.split'"),
+    ({"variants": {"a": {"overides": []}}}, "unknown key 'variants.a.overides'; did you mean 'variants.a.overrides'"),
+    ({"variants": {"a": ["train.steps"]}}, "variants.a: overrides: malformed override 'train.steps'"),
+    ({"variants": {"a": ["train.seed=3"]}}, "train.seed is set by the sweep"),
+    ({"variants": {"a": {"init_from": "zz"}}}, "variants.a.init_from='zz' is not a variant"),
+    ({"variants": {"a": {"init_from": "b"}, "b": {"init_from": "a"}}}, "init_from forms a cycle: a -> b -> a"),
+    ({"variants": {"bad/name": []}}, "variant name 'bad/name'"),
+    ({"seeds": [0, 0]}, "seeds must be distinct"),
+    ({"num_ranks": 0}, "num_ranks=0"),
+    ({"quick": {"variants": ["c"]}}, r"quick.variants names unknown variants \['c'\]"),
+    ({"eval": {"split": "dev"}}, "'eval.split' must be one of"),
+    ({"reference": "c"}, "reference='c' is not a variant"),
+])
+def test_bad_sweep_files_name_the_key(tmp_path, fields, message):
+    with pytest.raises(ConfigError, match=message):
+        load_sweep(write_sweep(tmp_path, **fields))
+
+
+def test_missing_base_config_and_bad_variant_override_are_reported(tmp_path):
+    with pytest.raises(ConfigError, match="file 'nope.json' not found; looked in"):
+        build_plan(load_sweep(write_sweep(tmp_path, base_config="nope.json")), tmp_path / "sweep.json")
+    path = write_sweep(tmp_path, variants={"a": ["objectives.divergence.cof=0.1"]})
+    with pytest.raises(ConfigError, match=r"variant 'a' \(seed 0\).*did you mean 'objectives.divergence.coef'"):
+        build_plan(load_sweep(path), path)
+    with pytest.raises(ConfigError, match="has no 'quick' section"):
+        build_plan(load_sweep(path), path, quick=True)
+
+
+def test_dependency_order_puts_parents_first():
+    from ds_moe_div.sweep.config import VariantSpec
+
+    variants = {"ft": VariantSpec(init_from="mid"), "base": VariantSpec(), "mid": VariantSpec(init_from="base"),
+                "other": VariantSpec()}
+    assert dependency_order(variants) == ["base", "mid", "ft", "other"]
