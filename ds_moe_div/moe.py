@@ -76,10 +76,12 @@ class RoutingMOELayer(ds_moe.MOELayer):
         expert_out_EC_M = self._exchange(expert_out).view(num_experts * capacity, d_model)
         self.capacity = capacity
         if self.collect_expert_outputs:
+            # Gather straight into token-major order (dropped slots read the zero row), so the
+            # orthogonality loss gets contiguous [T, K, M] outputs and the combine reuses them.
             padded = torch.cat([expert_out_EC_M, expert_out_EC_M.new_zeros(1, d_model)])
-            routed_KTM = padded.index_select(0, slots_KT.reshape(-1)).view(slots_KT.shape[0], -1, d_model)
-            combined = (routed_KTM * gates_KT.unsqueeze(-1)).sum(0).to(expert_out_EC_M.dtype)
-            self.expert_outputs_TKM = routed_KTM.transpose(0, 1)
+            routed_TKM = padded.index_select(0, slots_KT.t().reshape(-1)).view(-1, slots_KT.shape[0], d_model)
+            combined = (routed_TKM * gates_KT.t().unsqueeze(-1)).sum(1).to(expert_out_EC_M.dtype)
+            self.expert_outputs_TKM = routed_TKM
         else:
             combined = ds_moe._sparse_decode(expert_out_EC_M, slots_KT, gates_KT, tokens_TM.shape[0])
             self.expert_outputs_TKM = None

@@ -204,7 +204,8 @@ def expert_divergence_loss(*, q_LDE: Tensor, counts_D: Tensor,
 
 def _pairwise_orthogonality_T(y_TKD: Tensor, alive_TK: Tensor, eps: float) -> Tensor:
     """Per token sum over ordered pairs j != k of || <y_j, y_k> / (<y_k, y_k> + eps) * y_k ||^2."""
-    gram_TKK = y_TKD @ y_TKD.transpose(1, 2)
+    # Broadcast-multiply-sum, not bmm: a batch of T tiny K x K products is ~4x slower on CPU.
+    gram_TKK = (y_TKD[:, :, None, :] * y_TKD[:, None, :, :]).sum(-1)
     sq_TK = gram_TKK.diagonal(dim1=1, dim2=2)
     term_TKK = (gram_TKK / (sq_TK[:, None, :] + eps)).square() * sq_TK[:, None, :]
     num_slots = alive_TK.shape[1]
