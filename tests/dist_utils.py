@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import socket
+import subprocess
 import tempfile
 import time
 import traceback
@@ -64,3 +66,19 @@ def run_on_ranks(fn: Callable, *, world_size: int = 2, args: Sequence[Any] = (),
                 raise AssertionError(f"rank {rank} failed:\n{value}")
             results.append(value)
         return results
+
+
+def run_command(cmd: list[str], *, cwd, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """Run a command that may start a process tree (launcher + ranks); on timeout kill the whole group
+    and fail the test with the output's tail."""
+    import pytest
+
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"{cmd[0]} timed out after {timeout}s:\n{out[-4000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from ds_moe_div.sweep.runner import eval_available
+from tests.dist_utils import run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "ds_configs" / "sweeps" / "objectives.json"
@@ -27,15 +27,7 @@ def sweep(cwd: Path, *args: str, timeout: int = 240) -> subprocess.CompletedProc
     """Run the sweep CLI; on timeout kill its whole process group (launcher and ranks included)."""
     cmd = [sys.executable, "-m", "ds_moe_div.sweep", str(SWEEP), "--quick", "--no-progress", *args]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"sweep timed out after {timeout}s:\n{out[-4000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+    return run_command(cmd, cwd=cwd, env=env, timeout=timeout)
 
 
 def test_quick_sweep_trains_evaluates_compares_and_skips_finished_runs(tmp_path):

@@ -7,14 +7,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.dist_utils import free_port, run_on_ranks
+from tests.dist_utils import free_port, run_command, run_on_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "ds_configs" / "experiments" / "smoke.json"
@@ -32,15 +31,7 @@ def launch(tmp_path: Path, *overrides: str, ranks: int = 2, timeout: int = 420) 
     for o in overrides:
         cmd += [o] if o.startswith("--") else ["--override", o]
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"launcher timed out after {timeout}s:\n{out[-4000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+    return run_command(cmd, cwd=tmp_path, env=env, timeout=timeout)
 
 
 def scalars(log_dir: Path) -> dict[str, dict[int, float]]:
