@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -94,6 +95,8 @@ def run(state: TrainState) -> None:
 
 def main(argv=None) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+    # DeepSpeed 0.19.8's ZeRO calls a torch collective torch deprecates, once per step and rank.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
     args = parse_args(argv)
     try:
         cfg, ds = load_configs(args)
