@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -95,6 +96,74 @@ def test_relabelled_split_keeps_the_sequences_and_refines_the_labels():
         assert parents.setdefault(new, old) == old
     assert {names[g] for g, d in parents.items() if data.domain_names[d] == "code"} == {"code"}
 
+
+
+def _fixture_cfg(**options):
+    from ds_moe_div.data import DataConfig, TokenizerConfig
+
+    return DataConfig(corpus="fixture", seq_len=32, tokenizer=TokenizerConfig(vocab_size=512), **options)
+
+
+def _target_counts(split, num_domains: int) -> np.ndarray:
+    """Labelled targets per domain, by the domain of the input token (the evaluation's convention)."""
+    domains = np.asarray(split.domains_NS1)
+    inputs = domains[:, :-1][domains[:, 1:] >= 0]
+    return np.bincount(inputs[inputs >= 0], minlength=num_domains)
+
+
+def test_relabelled_split_of_an_include_labels_run_keeps_its_documents():
+    from ds_moe_div.data import prepare_data
+    from ds_moe_div.evaluation.relabel import relabelled_split
+
+    cfg = _fixture_cfg(include_labels=("math", "prose"))
+    data = prepare_data(cfg, show_progress=False)
+    split, names = relabelled_split(cfg, data, "test", column="group")  # re-pack checked token for token
+    ref = data.splits["test"]
+    assert np.array_equal(split.tokens_NS1, ref.tokens_NS1)
+    assert np.array_equal(split.domains_NS1 < 0, ref.domains_NS1 < 0)
+    assert "code" not in names and len(names) == 6 and split.num_domains == 6  # the groups of math and prose
+    assert set(np.unique(split.domains_NS1[split.domains_NS1 >= 0]).tolist()) <= set(range(6))
+    own, own_names = relabelled_split(cfg, data, "test", column="domain")  # no shuffle: the prepared labels
+    assert own_names == data.domain_names == ("math", "prose")
+    assert np.array_equal(own.domains_NS1, ref.domains_NS1)
+
+
+def test_relabelled_split_of_a_shuffled_run_has_the_true_labels():
+    from ds_moe_div.data import prepare_data
+    from ds_moe_div.evaluation.relabel import relabelled_split
+
+    for packing in ("mixed", "by_domain"):  # by_domain: the shuffled labels decided the packing streams
+        cfg = _fixture_cfg(packing=packing, shuffle_labels_seed=0)
+        shuffled, true = prepare_data(cfg, show_progress=False), prepare_data(replace(cfg, shuffle_labels_seed=None),
+                                                                                show_progress=False)
+        split, names = relabelled_split(cfg, shuffled, "test", column="domain")
+        assert names == true.domain_names
+        assert np.array_equal(split.tokens_NS1, shuffled.splits["test"].tokens_NS1)
+        counts = _target_counts(split, 3)
+        as_trained, reference = _target_counts(shuffled.splits["test"], 3), _target_counts(true.splits["test"], 3)
+        assert np.abs(as_trained - reference).max() > 50  # the shuffle moved whole documents
+        if packing == "mixed":  # the same stream: the very same arrays as the unshuffled run's
+            assert np.array_equal(split.domains_NS1, true.splits["test"].domains_NS1)
+        else:  # other streams: each domain's count moves by at most one token per stream (3 streams)
+            assert counts.sum() == reference.sum() and np.abs(counts - reference).max() <= 3
+        group, _ = relabelled_split(cfg, shuffled, "test", column="group")
+        assert np.array_equal(group.tokens_NS1, split.tokens_NS1)
+
+
+def test_labels_note_and_the_as_trained_option():
+    from ds_moe_div.evaluation.runner import _held_out, labels_used, parse_args, with_labels_line
+
+    shuffled = _fixture_cfg(shuffle_labels_seed=5)
+    assert labels_used(_fixture_cfg(), "domain", False) == "true"
+    assert labels_used(shuffled, "domain", False) == "true (run trained with shuffled labels, seed 5)"
+    assert labels_used(shuffled, "domain", True) == "as trained: shuffled (seed 5)"
+    assert parse_args(["--run-dir", "r", "--as-trained-labels"]).as_trained_labels
+    assert not parse_args(["--run-dir", "r"]).as_trained_labels
+    loaded = SimpleNamespace(cfg=SimpleNamespace(data=shuffled))
+    with pytest.raises(ValueError, match="--as-trained-labels"):
+        _held_out(loaded, "test", "group", True)
+    md = with_labels_line("# title\n\n- checkpoint: `x`\n- held-out split `test`, labels\n- objectives\n", "true (x)")
+    assert md.splitlines()[3:5] == ["- held-out split `test`, labels", "- labels: true (x)"]
 
 def _report(coef: float, ppl: float, step: int = 10) -> dict:
     domain = {"lm_loss": math.log(ppl), "ppl": ppl, "tokens": 100}

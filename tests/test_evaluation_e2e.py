@@ -4,7 +4,8 @@
 
 One 1-rank process trains and saves the checkpoint; one evaluates it (identity permutation, weights
 restored, full report); two gloo ranks evaluate it again (same numbers); the CLI evaluates it with
-another label scheme and writes the figures and TensorBoard events.
+another label scheme and writes the figures and TensorBoard events. A few steps of a shuffled-label
+run (the negative control, on an include_labels subset) check that it is evaluated on the true labels.
 """
 from __future__ import annotations
 
@@ -176,3 +177,80 @@ def test_compare_command_tables_two_reports(run_dir, one_rank, capsys):
     printed = capsys.readouterr().out
     assert "| held-out LM loss (nats) |" in printed and "(+0)" in printed
     assert (run_dir / "cmp" / "comparison.csv").read_text().startswith("metric,a,b,b - a")
+
+
+# The negative control on a subset: shuffled labels (seed 0) of math and prose only; mixed packing keeps the
+# very sequences of the unshuffled run, so its per-domain counts can be compared exactly.
+SHUFFLED = ['data.include_labels=["math","prose"]', "data.shuffle_labels_seed=0", "data.packing=mixed"]
+SHUFFLED_EVAL = ["--max-batches", "4", "--permutation-seeds", "0", "--micro-batch-size", "16", "--no-progress"]
+
+
+def _train_and_evaluate_shuffled(rank, world_size, run_dir):
+    from ds_moe_div.config import load_experiment
+    from ds_moe_div.evaluation.runner import evaluate, parse_args
+    from ds_moe_div.session import build
+    from ds_moe_div.train import train_step
+
+    steps = 2
+    cfg = load_experiment(SMOKE, [f"train.run_dir={run_dir}", "train.show_progress=false", f"train.steps={steps}",
+                                  *SHUFFLED])
+    ds = json.loads(DS_ZERO2.read_text())
+    ds["scheduler"]["params"].update(total_num_steps=steps, warmup_num_steps=1)
+    state = build(cfg, ds)
+    for _ in range(steps):
+        train_step(state)
+        state.window.reset()
+    state.save()
+    runs = {"true": ["--out", f"{run_dir}/eval/true"], "as_trained": ["--as-trained-labels"],
+            "group": ["--domain-column", "group", "--out", f"{run_dir}/eval/group"]}
+    return {name: evaluate(parse_args(["--run-dir", run_dir, *extra, *SHUFFLED_EVAL])) for name, extra in runs.items()}
+
+
+def _unshuffled_counts() -> dict[str, int]:
+    """Per-domain target counts of the first 4 batches of the same run without the shuffle."""
+    import dataclasses
+
+    from ds_moe_div.config import load_experiment
+    from ds_moe_div.data import BatchLoader, prepare_data
+    from ds_moe_div.model import IGNORE_INDEX
+
+    cfg = load_experiment(SMOKE, SHUFFLED).data
+    data = prepare_data(dataclasses.replace(cfg, shuffle_labels_seed=None), show_progress=False)
+    counts = dict.fromkeys(data.domain_names, 0)
+    loader = BatchLoader(data.splits["test"], micro_batch_size=16, shuffle=False, loop=False)
+    for batch in islice(loader, 4):
+        labelled = batch["domain_ids"][batch["labels"] != IGNORE_INDEX]
+        for d, name in enumerate(data.domain_names):
+            counts[name] += int((labelled == d).sum())
+    return counts
+
+
+@pytest.fixture(scope="module")
+def shuffled_run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("eval_shuffled") / "run"
+    reports = run_on_ranks(_train_and_evaluate_shuffled, world_size=1, args=(str(path),), timeout=300)[0]
+    return path, reports
+
+
+def test_a_shuffled_label_run_is_evaluated_on_the_true_labels(shuffled_run):
+    path, reports = shuffled_run
+    true, as_trained = reports["true"], reports["as_trained"]
+    counts = {name: d["tokens"] for name, d in true["per_domain"].items()}
+    assert counts == _unshuffled_counts() and set(counts) == {"math", "prose"}
+    assert {name: d["tokens"] for name, d in as_trained["per_domain"].items()} != counts
+    assert true["labels"] == "true (run trained with shuffled labels, seed 0)"
+    assert as_trained["labels"] == "as trained: shuffled (seed 0)"
+    assert true["tokens"] == as_trained["tokens"] and true["lm_loss"] == pytest.approx(as_trained["lm_loss"], rel=1e-12)
+    assert "- labels: true (run trained with shuffled labels, seed 0)" in (path / "eval" / "true" / "report.md").read_text()
+    saved = json.loads((path / "eval" / "global_step2-as-trained" / "report.json").read_text())
+    assert saved["labels"] == as_trained["labels"] and saved["domain_column"] == "domain"
+
+
+def test_another_label_column_on_an_include_labels_run(shuffled_run):
+    path, reports = shuffled_run
+    group = reports["group"]
+    assert group["domain_column"] == "group" and "code" not in group["domain_names"]
+    assert len(group["domain_names"]) == 6 and group["tokens"] == reports["true"]["tokens"]
+    assert sum(d["tokens"] for d in group["per_domain"].values()) == group["tokens"]
+    assert group["labels"] == "true (run trained with shuffled labels, seed 0)"
+    assert json.loads((path / "eval" / "group" / "report.json").read_text())["domain_names"] == group["domain_names"]

@@ -1,8 +1,8 @@
 """`ds-moe-div eval`: evaluate one checkpoint on held-out text, on 1 or N ranks.
 
     python -m ds_moe_div eval --run-dir runs/tiny [--checkpoint global_step200] [--split test]
-        [--max-batches 32|all] [--permutation-seeds 3] [--domain-column group] [--micro-batch-size 8]
-        [--out DIR] [--tensorboard]
+        [--max-batches 32|all] [--permutation-seeds 3] [--domain-column group] [--as-trained-labels]
+        [--micro-batch-size 8] [--out DIR] [--tensorboard]
     deepspeed --num_gpus 2 scripts/evaluate.py --run-dir runs/tiny ...
 
 One pass over the held-out batches gives the loss per domain and the routing statistics together; the
@@ -10,6 +10,12 @@ router-permutation delta-PPL adds (MoE layers + 1) x seeds passes over the same 
 report.json, report.md and figures/ to --out (default <run>/eval/<tag>, suffixed -<split> and
 -by-<column> when those differ from test and the run's own labels); --tensorboard also logs them to
 <out>/tensorboard at the checkpoint's step (`tensorboard --logdir <run>` shows them beside training).
+
+A run trained with shuffled labels (data.shuffle_labels_seed, the negative control) is evaluated against
+the TRUE labels of its domain_column: the same held-out sequences, each token labelled with its own
+document's class (see relabel.py), so per-domain PPL and the routing metrics are comparable with the
+other runs; the overall LM loss does not depend on labels. report.json "labels" says which labels were
+used; --as-trained-labels uses the shuffled ones instead (output suffixed -as-trained).
 """
 from __future__ import annotations
 
@@ -33,7 +39,7 @@ from ds_moe_div.evaluation.permutation import (
     router_permutation_delta,
 )
 from ds_moe_div.evaluation.relabel import relabelled_split
-from ds_moe_div.evaluation.report import plain, write_report
+from ds_moe_div.evaluation.report import plain, write_report, write_text_atomic
 from ds_moe_div.metrics.accumulator import RoutingAccumulator
 
 
@@ -58,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="router permutations per layer for delta-PPL (seeds 0..N-1; 0 skips it)")
     parser.add_argument("--domain-column", help="label the held-out tokens with another column of the corpus "
                         "(e.g. group, subdomain); the held-out documents stay the run's own")
+    parser.add_argument("--as-trained-labels", action="store_true",
+                        help="a run trained with data.shuffle_labels_seed: use its shuffled labels, not the "
+                        "true ones (the default)")
     parser.add_argument("--micro-batch-size", type=int, help="per rank (default: the run's training micro batch)")
     parser.add_argument("--out", help="output directory (default <run>/eval/<tag>[-<split>][-by-<column>])")
     parser.add_argument("--tensorboard", action="store_true", help="also log to <out>/tensorboard")
@@ -78,18 +87,36 @@ def checkpoint_path(args) -> Path:
     return tag_dir if args.run_dir and tag_dir.is_dir() else Path(args.checkpoint)
 
 
-def _held_out(loaded: LoadedCheckpoint, split: str, column: str | None):
-    own = loaded.cfg.data.domain_column
-    if column is None or column == own:
-        return loaded.data.splits[split], loaded.data.domain_names, own
+def labels_used(cfg_data, column: str, as_trained: bool) -> str:
+    """report.json "labels": which labels the held-out tokens carry."""
+    seed = cfg_data.shuffle_labels_seed
+    if seed is None:
+        return "true"
+    if as_trained and column == cfg_data.domain_column:
+        return f"as trained: shuffled (seed {seed})"
+    return f"true (run trained with shuffled labels, seed {seed})"
+
+
+def _held_out(loaded: LoadedCheckpoint, split: str, column: str | None, as_trained: bool = False):
+    """(packed split, domain names, label column, labels_used) of the evaluation."""
+    cfg = loaded.cfg.data
+    own = cfg.domain_column
+    column = column or own
+    if as_trained and column != own:
+        raise ValueError(f"--as-trained-labels applies to the run's own domain_column {own!r}; "
+                         f"--domain-column {column!r} always gives the true labels of that column")
+    labels = labels_used(cfg, column, as_trained)
+    if column == own and (cfg.shuffle_labels_seed is None or as_trained):
+        return loaded.data.splits[split], loaded.data.domain_names, own, labels
     with working_dir(loaded.launch_dir):
-        packed, names = relabelled_split(loaded.cfg.data, loaded.data, split, column=column)
-    return packed, names, column
+        packed, names = relabelled_split(cfg, loaded.data, split, column=column)
+    return packed, names, column, labels
 
 
-def default_out(loaded: LoadedCheckpoint, split: str, column: str) -> Path:
+def default_out(loaded: LoadedCheckpoint, split: str, column: str, *, as_trained: bool = False) -> Path:
     name = loaded.tag_dir.name + ("" if split == "test" else f"-{split}")
     name += "" if column == loaded.cfg.data.domain_column else f"-by-{column}"
+    name += "-as-trained" if as_trained and loaded.cfg.data.shuffle_labels_seed is not None else ""
     return loaded.run_dir / "eval" / name
 
 
@@ -99,7 +126,8 @@ def evaluate(args) -> dict:
     show = not args.no_progress
     loaded = load_for_eval(checkpoint_path(args), micro_batch_size=args.micro_batch_size, show_progress=show)
     info, engine, moe = loaded.info, loaded.engine, loaded.cfg.model.moe
-    split, names, column = _held_out(loaded, args.split, args.domain_column)
+    as_trained = args.as_trained_labels
+    split, names, column, labels = _held_out(loaded, args.split, args.domain_column, as_trained)
     loader = BatchLoader(split, micro_batch_size=loaded.micro_batch_size, rank=info.rank,
                          world_size=info.world_size, shuffle=False, loop=False)
     steps = len(loader) if args.max_batches is None else min(args.max_batches, len(loader))
@@ -122,10 +150,11 @@ def evaluate(args) -> dict:
     delta = router_permutation_delta(run_pass, layers, layer_ids, base, perms, progress=bar.set_postfix_str) \
         if seeds else {}
     bar.close()
-    out_dir = Path(args.out) if args.out else default_out(loaded, args.split, column)
+    out_dir = Path(args.out) if args.out else default_out(loaded, args.split, column, as_trained=as_trained)
     report = {
         "checkpoint": str(loaded.tag_dir), "run_dir": str(loaded.run_dir), "tag": loaded.tag_dir.name,
-        "step": loaded.step, "split": args.split, "domain_column": column, "domain_names": list(names),
+        "step": loaded.step, "split": args.split, "domain_column": column, "labels": labels,
+        "domain_names": list(names),
         "tokens": base.tokens, "lm_loss": base.lm_loss, "ppl": base.ppl,
         "per_domain": {name: d.to_dict() for name, d in base.per_domain.items()}, "delta_ppl": delta,
         "permutations": {"kind": "derangement", "seeds": seeds,
@@ -171,13 +200,23 @@ def _write_outputs(report: dict, stats, out_dir: Path, *, tensorboard: bool) -> 
     if report["delta_ppl"]:
         figures["delta_ppl"] = plots.delta_ppl_figure(report["delta_ppl"], names)
     report["figures"] = plots.save_figures(figures, out_dir)
-    write_report(report, out_dir)
+    _, md_path = write_report(report, out_dir)
+    if report["labels"] != "true":
+        write_text_atomic(md_path, with_labels_line(md_path.read_text(), report["labels"]))
     if tensorboard:
         monitor = Monitor(out_dir / "tensorboard", enabled=True)
         tb_figures = {f"eval/{report['split']}_delta_ppl" if name == "delta_ppl" else
                       f"routing/{name.replace('heatmap_', 'heatmap/')}": fig for name, fig in figures.items()}
         plots.log_to_tensorboard(monitor, tb_figures, tensorboard_scalars(report), step=report["step"])
         monitor.close()
+
+
+def with_labels_line(markdown: str, labels: str) -> str:
+    """report.md with a "- labels: ..." line after its held-out split line (or after the title)."""
+    lines = markdown.split("\n")
+    at = next((i for i, line in enumerate(lines) if line.startswith("- held-out split")), 0)
+    lines.insert(at + 1, f"- labels: {labels}")
+    return "\n".join(lines)
 
 
 def tensorboard_scalars(report: dict) -> dict[str, float]:
@@ -211,6 +250,8 @@ def summary_text(report: dict) -> str:
     head = (f"{report['tag']} on {report['split']} ({report['tokens']:,} target tokens): "
             f"lm_loss {fmt(report['lm_loss'])}, PPL {fmt(report['ppl'], 2)}")
     lines = [head]
+    if report.get("labels", "true") != "true":
+        lines.append(f"  labels: {report['labels']}")
     lines += [f"  delta-PPL {key}: {fmt(entry['mean'], 3)} ± {fmt(entry['std'], 3)}"
               for key, entry in report["delta_ppl"].items()]
     lines.append(f"  I(D;E), mean over layers: {fmt(report['routing'].get('routing/mi/mean'))} nats")
