@@ -46,7 +46,7 @@ def train_step(state: TrainState) -> None:
     """One optimizer step: `gradient_accumulation_steps` micro-batches, one engine.backward each."""
     engine = state.engine
     for _ in range(engine.gradient_accumulation_steps()):
-        batch = next(state.train_iter)
+        batch = {k: v.to(engine.device, non_blocking=True) for k, v in next(state.train_iter).items()}
         out = engine(batch["input_ids"], labels_BS=batch["labels"],
                      collect_expert_outputs=state.composer.needs_expert_outputs)
         losses = state.composer(out, domain_ids_BS=batch["domain_ids"], step=state.step)
