@@ -29,7 +29,7 @@ class LossBreakdown:
     scaled: dict[str, torch.Tensor] = field(default_factory=dict)  # coef * unscaled
     per_layer: dict[str, torch.Tensor] = field(default_factory=dict)  # [L] unscaled values
     coefs: dict[str, float] = field(default_factory=dict)
-    divergence_domains_present: int | None = None
+    divergence_domains_present: torch.Tensor | None = None  # 0-d, read at logging time (no sync here)
 
 
 class ObjectiveComposer:
@@ -110,7 +110,7 @@ class ObjectiveComposer:
                                                      average=c.average)
         q_LDE, counts_D = obj.global_domain_means(sums_LDE=sums_LDE, counts_D=counts_D, group=self.divergence_group)
         loss_L, _, present = obj.expert_divergence_loss(q_LDE=q_LDE, counts_D=counts_D, form=c.form, eps=c.eps)
-        result.divergence_domains_present = int(present)
+        result.divergence_domains_present = present
         return loss_L
 
     def _calibrate(self, name: str, value: torch.Tensor) -> None:

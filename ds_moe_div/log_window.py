@@ -64,7 +64,7 @@ class LogWindow:
         for name, coef in self.last.coefs.items():
             scalars[f"moe/{name}_coef"] = coef
         if self.last.divergence_domains_present is not None:
-            scalars["moe/divergence_domains_present"] = self.last.divergence_domains_present
+            scalars["moe/divergence_domains_present"] = float(self.last.divergence_domains_present)
         routing_stats = self.routing.reduce() if self.routing is not None else None
         if routing_stats is not None:
             scalars.update(routing_stats.scalars(self.domain_names))

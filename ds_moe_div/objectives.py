@@ -98,8 +98,13 @@ def domain_routing_sums(*, probs_LTE: Tensor, domain_ids_BS: Tensor, num_domains
                          f"{tuple(domain_ids_BS.shape)}")
     if average not in ("sequence", "token"):
         raise ValueError(f"average must be 'sequence' or 'token', got {average!r}")
-    if bool(((domain_ids_BS < -1) | (domain_ids_BS >= num_domains)).any()):
-        raise ValueError(f"domain ids must lie in [-1, {num_domains - 1}]")
+    bad = (domain_ids_BS < -1) | (domain_ids_BS >= num_domains)
+    message = f"domain ids must lie in [-1, {num_domains - 1}]"
+    if domain_ids_BS.device.type == "cpu":
+        if bool(bad.any()):
+            raise ValueError(message)
+    else:  # asynchronous: no host sync on the accelerator's training hot path
+        torch._assert_async(~bad.any(), message)
     probs_LTE = _at_least_fp32(probs_LTE)
     unit_T, valid_T = _unit_index_T(domain_ids_BS, num_domains)
     if average == "token":
