@@ -40,11 +40,13 @@ def find_report(path, *, split: str = "test", column: str | None = None) -> Path
         report = json.loads(file.read_text())
         wanted = column or report["config"]["data"]["domain_column"]
         if report["split"] == split and report["domain_column"] == wanted:
-            found.append((report["step"], file.stat().st_mtime, file))
+            # True-label reports first: a shuffled-label run may also hold an --as-trained-labels one.
+            true_labels = str(report.get("labels", "true")).startswith("true")
+            found.append((report["step"], true_labels, file.stat().st_mtime, file))
     if not found:
         raise FileNotFoundError(f"no {split!r} report under {p / 'eval'}; run `ds-moe-div eval --run-dir {p}` "
                                 f"(with --split {split}) first, or pass a report.json")
-    return max(found)[2]
+    return max(found)[-1]
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
