@@ -1,13 +1,16 @@
 """Checkpoints through `engine.save_checkpoint`, with the trainer's client state beside DeepSpeed's.
 
 Layout: <run_dir>/checkpoints/<tag>/ holds DeepSpeed's files, `run_config.json` (the resolved experiment
-config and the architecture facts that must match to load), and `rng_rank<r>.pt` (each rank's RNG).
+config and the architecture facts that must match to load, the tokenizer's digest among them),
+`tokenizer.json` (the tokenizer the run was trained with) and `rng_rank<r>.pt` (each rank's RNG).
 The client state (step, data position, composer state) rides in DeepSpeed's own model-state file.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -17,6 +20,9 @@ from ds_moe_div.distributed import rng_state, set_rng_state
 # Model-config keys that decide parameter shapes; anything else (capacity, ep_size...) may change.
 ARCH_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "tie_embeddings", "moe.num_experts",
              "moe.layer_pattern", "moe.first_dense_layers", "moe.use_residual")
+
+
+TOKENIZER_FILE = "tokenizer.json"
 
 
 class CheckpointError(RuntimeError):
@@ -56,14 +62,24 @@ def check_run_dir(run_dir, *, resume: bool) -> None:
                               f"file missing); drop --resume to start a new run")
 
 
-def architecture(model_cfg: dict, vocab_size: int) -> dict:
+def architecture(model_cfg: dict, vocab_size: int, *, tokenizer: Path | None = None) -> dict:
+    """The facts a checkpoint must share with the model that loads it; with `tokenizer` (the data's
+    tokenizer.json) also its digest, so that weights never meet token ids they were not trained on."""
     flat = {"vocab_size": vocab_size}
     for key in ARCH_KEYS[1:]:
         node = model_cfg
         for part in key.split("."):
             node = node[part]
         flat[key] = node
+    if tokenizer is not None:
+        flat["tokenizer_sha256"] = tokenizer_digest(tokenizer)
     return flat
+
+
+def tokenizer_digest(path: Path) -> str:
+    """sha256 of the tokenizer's canonical JSON (key order and whitespace do not count)."""
+    canonical = json.dumps(json.loads(Path(path).read_text(encoding="utf-8")), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def check_architecture(saved: dict, current: dict, where: Path) -> None:
@@ -72,9 +88,17 @@ def check_architecture(saved: dict, current: dict, where: Path) -> None:
     if diffs:
         raise CheckpointError(f"checkpoint {where} does not match the model: " + "; ".join(diffs) +
                               ". Use the checkpoint's model settings (see its run_config.json) or another checkpoint.")
+    theirs, ours = saved.get("tokenizer_sha256"), current.get("tokenizer_sha256")
+    if theirs and ours and theirs != ours:  # checkpoints written before the digest was recorded carry none
+        raise CheckpointError(
+            f"checkpoint {where} was trained with another tokenizer (sha256 {theirs[:12]}) than this config's data "
+            f"uses ({ours[:12]}): the corpus, its split or the tokenizer settings changed since, so token ids would "
+            f"not mean what the weights learned. Set data.tokenizer.path={where / TOKENIZER_FILE} to reuse the "
+            f"checkpoint's tokenizer, or restore the data it was trained on.")
 
 
-def save(engine, run_dir, *, step: int, client: dict, run_config: dict, arch: dict, rank: int) -> Path:
+def save(engine, run_dir, *, step: int, client: dict, run_config: dict, arch: dict, rank: int,
+         tokenizer: Path | None = None) -> Path:
     root = checkpoint_root(run_dir)
     tag = f"global_step{step}"
     engine.save_checkpoint(str(root), tag=tag, client_state={"ds_moe_div": client})
@@ -82,6 +106,9 @@ def save(engine, run_dir, *, step: int, client: dict, run_config: dict, arch: di
     tag_dir.mkdir(parents=True, exist_ok=True)
     torch.save(rng_state(), tag_dir / f"rng_rank{rank}.pt")
     if rank == 0:
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, tag_dir / f"{TOKENIZER_FILE}.tmp")
+            os.replace(tag_dir / f"{TOKENIZER_FILE}.tmp", tag_dir / TOKENIZER_FILE)
         tmp = tag_dir / "run_config.json.tmp"
         tmp.write_text(json.dumps({"config": run_config, "architecture": arch, "step": step}, indent=2))
         os.replace(tmp, tag_dir / "run_config.json")

@@ -2,7 +2,10 @@
 before any training step, against the experiment config and the world size.
 
 Every error names the key and the fix. `resolve_batch` returns the (micro, accumulation) pair both
-configs agree on.
+configs agree on. The experiment config owns the length of training: a scheduler with a length
+(WarmupDecayLR, WarmupCosineLR) gets `total_num_steps = train.steps` when the file leaves it out, and a
+file that sets another value is refused (otherwise `--override train.steps=5000` on a 300-step schedule
+would train 4,700 steps at the floor learning rate without a word).
 """
 from __future__ import annotations
 
@@ -14,6 +17,10 @@ from ds_moe_div.config import ExperimentConfig
 
 class DeepSpeedConfigError(ValueError):
     pass
+
+
+# DeepSpeed schedulers whose shape depends on the number of optimizer steps.
+SCHEDULERS_WITH_LENGTH = ("WarmupDecayLR", "WarmupCosineLR")
 
 
 def load_ds_config(path) -> dict:
@@ -41,6 +48,7 @@ def check_ds_config(ds: dict, cfg: ExperimentConfig, *, world_size: int, on_cpu:
                                    "\"torch_adam\": true on CPU) so DeepSpeed builds the MoE parameter groups")
     if on_cpu and ds.get("fp16", {}).get("enabled"):
         raise DeepSpeedConfigError("fp16.enabled is true but this run is on CPU: use fp32 (or bf16 on GPU)")
+    _check_schedule(ds.get("scheduler"), cfg.train.steps)
     return resolve_batch(ds, cfg, world_size=world_size)
 
 
@@ -54,6 +62,17 @@ def _check_zero(zero: dict) -> None:
             if zero.get(key, True) is False:
                 raise DeepSpeedConfigError(f"zero_optimization.{key}=false: DeepSpeed's ZeRO stage 2 with MoE "
                                            f"requires it; set \"{key}\": true or use stage 1")
+
+
+def _check_schedule(scheduler: dict | None, steps: int) -> None:
+    if not scheduler or scheduler.get("type") not in SCHEDULERS_WITH_LENGTH:
+        return
+    total = scheduler.get("params", {}).get("total_num_steps")
+    if total is not None and total != steps:
+        raise DeepSpeedConfigError(
+            f"scheduler.params.total_num_steps={total} but train.steps={steps}: the learning-rate schedule would "
+            f"{'stop decaying' if total < steps else 'never finish decaying'} at step {min(total, steps)}; remove "
+            f"total_num_steps from the DeepSpeed config (it is then set to train.steps) or make the two agree")
 
 
 def resolve_batch(ds: dict, cfg: ExperimentConfig, *, world_size: int) -> tuple[int, int]:
@@ -84,9 +103,15 @@ def _agree(ds_key: str, ds_value, cfg_key: str, cfg_value):
     return cfg_value if cfg_value is not None else ds_value
 
 
-def engine_config(ds: dict, micro: int, gas: int, world_size: int) -> dict:
-    """The dict handed to deepspeed.initialize: the user's file with the agreed batch sizes filled in."""
+def engine_config(ds: dict, micro: int, gas: int, world_size: int, *, steps: int | None = None) -> dict:
+    """The dict handed to deepspeed.initialize: the user's file with the agreed batch sizes filled in and,
+    given `steps`, a length-dependent scheduler's total_num_steps."""
     resolved = dict(ds)
     resolved.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=gas,
                     train_batch_size=micro * gas * world_size)
+    scheduler = ds.get("scheduler")
+    if steps is not None and scheduler and scheduler.get("type") in SCHEDULERS_WITH_LENGTH:
+        params = dict(scheduler.get("params", {}))
+        params.setdefault("total_num_steps", steps)
+        resolved["scheduler"] = dict(scheduler, params=params)
     return resolved

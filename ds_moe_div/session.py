@@ -70,7 +70,8 @@ class TrainState:
     def save(self) -> None:
         client = {"step": self.step, "loader": self.loader_state(), "composer": self.composer.state_dict()}
         checkpoint.save(self.engine, self.cfg.train.run_dir, step=self.step, client=client,
-                        run_config=to_dict(self.cfg), arch=self.arch, rank=self.info.rank)
+                        run_config=to_dict(self.cfg), arch=self.arch, rank=self.info.rank,
+                        tokenizer=self.data.tokenizer_path)
 
     def loader_state(self) -> dict:
         return self.loader.state_dict()
@@ -91,14 +92,15 @@ def build(cfg: ExperimentConfig, ds: dict) -> TrainState:
     seed_everything(cfg.train.seed)
     model = MoELanguageModel(cfg.model, vocab_size=vocab, seq_len=cfg.data.seq_len, seed=cfg.train.seed,
                              ep_rank=info.ep_rank(cfg.model.moe.ep_size))
-    engine = _initialize(model, engine_config(ds, micro, gas, info.world_size), info, cfg)
+    ds = engine_config(ds, micro, gas, info.world_size, steps=cfg.train.steps)  # what the engine runs
+    engine = _initialize(model, ds, info, cfg)
     layer = model.moe_layers()[0]
     composer = ObjectiveComposer(cfg.objectives, num_domains=len(data.domain_names),
                                  divergence_group=divergence_group(cfg.objectives.divergence.scope, layer),
                                  world_group=dist.group.WORLD)
     loader = BatchLoader(data.splits["train"], micro_batch_size=micro, rank=info.rank, world_size=info.world_size,
                          seed=cfg.train.seed, sampling=cfg.data.sampling)
-    arch = checkpoint.architecture(to_dict(cfg.model), vocab)
+    arch = checkpoint.architecture(to_dict(cfg.model), vocab, tokenizer=data.tokenizer_path)
     run_dir = Path(cfg.train.run_dir)
     state = TrainState(cfg=cfg, info=info, engine=engine, composer=composer, data=data, loader=loader,
                        monitor=Monitor(run_dir / "tensorboard", enabled=False), micro_batch_size=micro,

@@ -107,7 +107,7 @@ def ds_config(args, cfg: ExperimentConfig, world_size: int, on_cpu: bool) -> dic
     ds = load_ds_config(DS_CPU if on_cpu else DS_GPU)
     ds["train_micro_batch_size_per_gpu"] = args.batch
     micro, gas = check_ds_config(ds, cfg, world_size=world_size, on_cpu=on_cpu)
-    return engine_config(ds, micro, gas, world_size)
+    return engine_config(ds, micro, gas, world_size, steps=cfg.train.steps)
 
 
 def random_batches(args, cfg: ExperimentConfig, device, *, seed: int, vocab: int):

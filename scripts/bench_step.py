@@ -5,7 +5,9 @@
 One model and one DeepSpeed engine (ZeRO-2, fp32 on CPU / bf16 on GPU); the variants differ only in
 the objective composer, and they are timed round-robin (baseline, +z, +ED, +orth, +var, all; again) so
 that drift of the machine hits every variant alike. Prints the median step time of each, its ratio to
-the baseline, tokens/s, and model FLOPs/s against this machine's measured fp32 matmul FLOPs/s.
+the baseline, tokens/s, and model FLOPs/s against this machine's measured fp32 matmul FLOPs/s. The
+ratio is the median over rounds of (variant / baseline in the same round), printed with its range over
+rounds: a variant whose range straddles 1.0 costs nothing measurable on this machine.
 """
 from __future__ import annotations
 
@@ -138,16 +140,24 @@ def report(args, cfg, model, times, peak, device):
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {tokens} tokens/step, device={device}, "
           f"threads={torch.get_num_threads()}")
     print(f"measured fp32 matmul: {peak / 1e9:.1f} GFLOP/s\n")
-    print(f"{'variant':22s} {'step ms':>9s} {'ratio':>7s} {'tokens/s':>9s} {'GFLOP/s':>8s} {'MFU':>6s}")
+    print(f"{'variant':22s} {'step ms':>9s} {'ratio':>7s} {'range':>13s} {'tokens/s':>9s} {'GFLOP/s':>8s} {'MFU':>6s}")
     for name, ts in times.items():
         med = statistics.median(ts)
         flops = per_token * tokens / med
-        print(f"{name:22s} {med * 1e3:9.1f} {med / base:7.3f} {tokens / med:9.0f} {flops / 1e9:8.1f} "
-              f"{flops / peak:6.1%}")
-    allobj = statistics.median(times["all objectives"])
-    print(f"\nall objectives together add {allobj / base - 1:+.1%} step time over the baseline (target <= +5%)")
-    print(f"routing statistics add {statistics.median(times[ROUTING_VARIANT]) / allobj - 1:+.1%} over all objectives "
-          f"(target < 2%)")
+        ratio, low, high = paired_ratio(ts, times["baseline (l_aux)"])
+        print(f"{name:22s} {med * 1e3:9.1f} {ratio:7.3f} {low:6.3f}-{high:6.3f} {tokens / med:9.0f} "
+              f"{flops / 1e9:8.1f} {flops / peak:6.1%}")
+    allobj = paired_ratio(times["all objectives"], times["baseline (l_aux)"])[0]
+    routing = paired_ratio(times[ROUTING_VARIANT], times["all objectives"])[0]
+    print(f"\nall objectives together add {allobj - 1:+.1%} step time over the baseline (target <= +5%); "
+          f"median step times: {base * 1e3:.1f} -> {statistics.median(times['all objectives']) * 1e3:.1f} ms")
+    print(f"routing statistics add {routing - 1:+.1%} over all objectives (target < 2%)")
+
+
+def paired_ratio(times: list[float], reference: list[float]) -> tuple[float, float, float]:
+    """(median, min, max) over rounds of times[r] / reference[r]: both timed in the same round."""
+    ratios = [t / r for t, r in zip(times, reference, strict=True)]
+    return statistics.median(ratios), min(ratios), max(ratios)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
 """Checkpoint guards that run before any load: run-dir state, path resolution, architecture match."""
+import json
+
 import pytest
 
 from ds_moe_div.checkpoint import CheckpointError, architecture, check_architecture, check_run_dir, resolve_checkpoint
@@ -42,3 +44,18 @@ def test_architecture_mismatch_names_every_differing_key(tmp_path):
     # Capacity and ep_size do not change parameter shapes: loading across them is allowed.
     moe_only = architecture(to_dict(ModelConfig()) | {"moe": to_dict(ModelConfig().moe) | {"ep_size": 2}}, 4096)
     check_architecture(saved, moe_only, tmp_path)
+
+
+def test_tokenizer_digest_ignores_formatting_and_a_changed_tokenizer_is_refused(tmp_path):
+    model = to_dict(ModelConfig())
+    vocab = {"model": {"type": "BPE", "vocab": {"a": 0, "b": 1}, "merges": []}, "added_tokens": []}
+    (tmp_path / "a.json").write_text(json.dumps(vocab))
+    (tmp_path / "a_pretty.json").write_text(json.dumps(vocab, indent=4, sort_keys=True))
+    vocab["model"]["merges"] = [["a", "b"]]
+    (tmp_path / "b.json").write_text(json.dumps(vocab))
+    saved = architecture(model, 4096, tokenizer=tmp_path / "a.json")
+    check_architecture(saved, architecture(model, 4096, tokenizer=tmp_path / "a_pretty.json"), tmp_path)
+    check_architecture(architecture(model, 4096), saved, tmp_path)  # a checkpoint from before the digest: no check
+    with pytest.raises(CheckpointError, match=r"trained with another tokenizer .* Set data.tokenizer.path="
+                                              rf"{tmp_path}/tokenizer.json"):
+        check_architecture(saved, architecture(model, 4096, tokenizer=tmp_path / "b.json"), tmp_path)

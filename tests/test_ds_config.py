@@ -93,3 +93,26 @@ def test_engine_config_fills_agreed_batch_sizes():
 def test_unknown_experiment_key_names_the_nearest():
     with pytest.raises(ConfigError, match="did you mean 'objectives.divergence'"):
         load_experiment(None, ["objectives.divergense.coef=0.1"])
+
+
+COSINE = {"type": "WarmupCosineLR", "params": {"warmup_num_steps": 3, "cos_min_ratio": 0.1}}
+
+
+def test_scheduler_length_follows_train_steps():
+    cfg = load_experiment(None, ["train.steps=40"])
+    micro, gas = check_ds_config(dict(BASE, scheduler=COSINE), cfg, world_size=2, on_cpu=True)
+    resolved = engine_config(dict(BASE, scheduler=COSINE), micro, gas, 2, steps=cfg.train.steps)
+    assert resolved["scheduler"]["params"] == {"warmup_num_steps": 3, "cos_min_ratio": 0.1, "total_num_steps": 40}
+    assert "total_num_steps" not in COSINE["params"]  # the user's dict is not modified
+    warmup_only = {"type": "WarmupLR", "params": {"warmup_num_steps": 3}}
+    assert engine_config(dict(BASE, scheduler=warmup_only), micro, gas, 2, steps=40)["scheduler"] == warmup_only
+
+
+@pytest.mark.parametrize("total, steps, words", [(300, 1000, "stop decaying at step 300"),
+                                                 (1000, 300, "never finish decaying at step 300")])
+def test_scheduler_length_that_disagrees_with_train_steps_is_refused(total, steps, words):
+    scheduler = {"type": "WarmupDecayLR", "params": {"total_num_steps": total, "warmup_num_steps": 3}}
+    with pytest.raises(DeepSpeedConfigError, match=rf"total_num_steps={total} but train.steps={steps}: .*{words}.*"
+                                                  "remove total_num_steps"):
+        check({"scheduler": scheduler}, **{"train.steps": steps})
+    check({"scheduler": scheduler}, **{"train.steps": total})

@@ -151,7 +151,7 @@ def test_relabelled_split_of_a_shuffled_run_has_the_true_labels():
 
 
 def test_labels_note_and_the_as_trained_option():
-    from ds_moe_div.evaluation.runner import _held_out, labels_used, parse_args, with_labels_line
+    from ds_moe_div.evaluation.runner import _held_out, labels_used, parse_args
 
     shuffled = _fixture_cfg(shuffle_labels_seed=5)
     assert labels_used(_fixture_cfg(), "domain", False) == "true"
@@ -162,8 +162,6 @@ def test_labels_note_and_the_as_trained_option():
     loaded = SimpleNamespace(cfg=SimpleNamespace(data=shuffled))
     with pytest.raises(ValueError, match="--as-trained-labels"):
         _held_out(loaded, "test", "group", True)
-    md = with_labels_line("# title\n\n- checkpoint: `x`\n- held-out split `test`, labels\n- objectives\n", "true (x)")
-    assert md.splitlines()[3:5] == ["- held-out split `test`, labels", "- labels: true (x)"]
 
 def _report(coef: float, ppl: float, step: int = 10) -> dict:
     domain = {"lm_loss": math.log(ppl), "ppl": ppl, "tokens": 100}
@@ -207,6 +205,11 @@ def test_markdown_report_renders_every_section_and_escapes_table_pipes():
                    "| layer 0 | 0.020 ± 0.500 | 1.000 ± 0.100 |", "divergence 0.01"):
         assert needle in text, needle
     assert plain(report)["routing_matrices"]["layer_0"]["frequency"] == [[0.5, None]]
+    assert "- labels:" not in text  # true labels: no line
+    shuffled = render_markdown(plain(dict(report, labels="true (run trained with shuffled labels, seed 5)")))
+    lines = shuffled.splitlines()
+    held_out = next(i for i, line in enumerate(lines) if line.startswith("- held-out split"))
+    assert lines[held_out + 1] == "- labels: true (run trained with shuffled labels, seed 5)"
 
 
 def test_find_report_prefers_true_label_reports(tmp_path):

@@ -163,3 +163,13 @@ def test_init_from_starts_a_new_run_from_another_runs_weights(smoke_run, tmp_pat
     mismatch = run_on_ranks(_init_from, world_size=1, timeout=300,
                             args=(str(run_dir), str(tmp_path / "bad"), ["model.d_model=32"]))[0]
     assert "does not match the model" in mismatch and "d_model: checkpoint 64 vs config 32" in mismatch
+    # Another split seed trains another tokenizer (same vocabulary size): refused, naming the fix; the
+    # checkpoint's own tokenizer.json, as the message says, loads.
+    retokenized = run_on_ranks(_init_from, world_size=1, timeout=300,
+                               args=(str(run_dir), str(tmp_path / "tok"), ["data.split_seed=7"]))[0]
+    tokenizer = run_dir / "checkpoints" / "global_step6" / "tokenizer.json"
+    assert "trained with another tokenizer" in retokenized and f"data.tokenizer.path={tokenizer}" in retokenized
+    reused = run_on_ranks(_init_from, world_size=1, timeout=300,
+                          args=(str(run_dir), str(tmp_path / "tok2"), ["data.split_seed=7",
+                                                                       f"data.tokenizer.path={tokenizer}"]))[0]
+    assert reused["same_weights"]

@@ -117,8 +117,8 @@ def load_for_eval(path, *, micro_batch_size: int | None = None, show_progress: b
     model = MoELanguageModel(cfg.model, vocab_size=vocab, seq_len=cfg.data.seq_len, seed=cfg.train.seed,
                              ep_rank=info.ep_rank(cfg.model.moe.ep_size))
     engine, dtype = _engine(model, micro, info.world_size)
-    checkpoint.load(engine, tag_dir, arch=checkpoint.architecture(to_dict(cfg.model), vocab), rank=info.rank,
-                    module_only=True)
+    arch = checkpoint.architecture(to_dict(cfg.model), vocab, tokenizer=data.tokenizer_path)
+    checkpoint.load(engine, tag_dir, arch=arch, rank=info.rank, module_only=True)
     engine.eval()
     return LoadedCheckpoint(tag_dir=tag_dir, step=int(run_config.get("step", 0)), saved_config=run_config["config"],
                             cfg=cfg, info=info, engine=engine, model=model, data=data, micro_batch_size=micro,

@@ -92,6 +92,7 @@ def _header(r: dict) -> list[str]:
         f"- checkpoint: `{r['checkpoint']}`",
         (f"- held-out split `{r['split']}`, labels `{r['domain_column']}` ({len(r['domain_names'])} classes), "
          f"{fmt(r['tokens'])} target tokens ({batches})"),
+        *([f"- labels: {r['labels']}"] if r.get("labels", "true") != "true" else []),
         (f"- {e['world_size']} rank(s) x micro-batch {e['micro_batch_size']}, ep_size {e['ep_size']}, "
          f"{e['dtype']}, eval_capacity_factor {e['eval_capacity_factor']}, {e['passes']} passes in "
          f"{e['seconds']:.0f} s"),

@@ -39,7 +39,7 @@ from ds_moe_div.evaluation.permutation import (
     router_permutation_delta,
 )
 from ds_moe_div.evaluation.relabel import relabelled_split
-from ds_moe_div.evaluation.report import plain, write_report, write_text_atomic
+from ds_moe_div.evaluation.report import plain, write_report
 from ds_moe_div.metrics.accumulator import RoutingAccumulator
 
 
@@ -200,23 +200,13 @@ def _write_outputs(report: dict, stats, out_dir: Path, *, tensorboard: bool) -> 
     if report["delta_ppl"]:
         figures["delta_ppl"] = plots.delta_ppl_figure(report["delta_ppl"], names)
     report["figures"] = plots.save_figures(figures, out_dir)
-    _, md_path = write_report(report, out_dir)
-    if report["labels"] != "true":
-        write_text_atomic(md_path, with_labels_line(md_path.read_text(), report["labels"]))
+    write_report(report, out_dir)
     if tensorboard:
         monitor = Monitor(out_dir / "tensorboard", enabled=True)
         tb_figures = {f"eval/{report['split']}_delta_ppl" if name == "delta_ppl" else
                       f"routing/{name.replace('heatmap_', 'heatmap/')}": fig for name, fig in figures.items()}
         plots.log_to_tensorboard(monitor, tb_figures, tensorboard_scalars(report), step=report["step"])
         monitor.close()
-
-
-def with_labels_line(markdown: str, labels: str) -> str:
-    """report.md with a "- labels: ..." line after its held-out split line (or after the title)."""
-    lines = markdown.split("\n")
-    at = next((i for i, line in enumerate(lines) if line.startswith("- held-out split")), 0)
-    lines.insert(at + 1, f"- labels: {labels}")
-    return "\n".join(lines)
 
 
 def tensorboard_scalars(report: dict) -> dict[str, float]:

@@ -19,8 +19,10 @@ Schema (JSON; unknown keys fail with their dotted path, like the experiment conf
 
 An override value may contain `{seed}` (replaced by the run's seed, e.g. a shuffle seed per run).
 Overrides apply in this order: base_overrides, the variant's, quick's (with --quick), then the run's own
-train.seed / train.run_dir / train.init_from. `schedule_follows_steps` sets the DeepSpeed scheduler's
-total_num_steps to each run's train.steps (in a copy of the DeepSpeed file written into the run dir).
+train.seed / train.run_dir / train.init_from. `schedule_follows_steps` (default true) sets a WarmupDecayLR /
+WarmupCosineLR scheduler's total_num_steps to each run's train.steps, also where the DeepSpeed file sets
+another value (in a copy of the file written into the run dir); false keeps the file's value, and a value
+that disagrees with train.steps is then refused by the trainer.
 """
 from __future__ import annotations
 
