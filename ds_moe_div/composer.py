@@ -35,7 +35,8 @@ class LossBreakdown:
 class ObjectiveComposer:
     def __init__(self, cfg: ObjectivesConfig, *, num_domains: int, divergence_group=None, world_group=None):
         """`divergence_group`: where per-domain routing sums are all-reduced (None = this micro-batch only).
-        `world_group`: the data-parallel group over which `auto` coefficients are agreed once."""
+        `world_group`: the data-parallel group over which the router's gradient is averaged: `auto`
+        coefficients are agreed over it once, and the global-batch load balance counts over it."""
         self.cfg = cfg
         self.num_domains = num_domains
         self.divergence_group = divergence_group
@@ -83,7 +84,11 @@ class ObjectiveComposer:
     def _per_layer(self, name, out, domain_ids_BS, mask_T, result) -> torch.Tensor:
         records = out.routing
         if name == "l_aux":
-            return torch.stack([r.l_aux for r in records])
+            if self.cfg.balance.scope == "micro_batch":
+                return torch.stack([r.l_aux for r in records])
+            return obj.global_load_balance_loss(probs_LTE=torch.stack([r.probs_TE for r in records]),
+                                                indices_LTK=torch.stack([r.indices_TK for r in records]),
+                                                mask_T=mask_T, group=self.world_group)
         if name == "z_loss":
             return torch.stack([obj.router_z_loss(logits_TE=r.logits_TE, mask_T=mask_T) for r in records])
         if name == "divergence":

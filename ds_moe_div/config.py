@@ -71,8 +71,10 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class BalanceConfig:
-    """L_aux, DeepSpeed's GShard/Switch load-balancing loss (per rank and micro-batch)."""
+    """L_aux, the GShard/Switch load-balancing loss. `micro_batch`: DeepSpeed's own l_aux, per rank and
+    micro-batch; `global_batch`: expert frequencies of the whole data-parallel batch (Qiu et al. 2025)."""
     coef: float = 0.01
+    scope: Literal["micro_batch", "global_batch"] = "micro_batch"
     warmup_steps: int = 0
 
 

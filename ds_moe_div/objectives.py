@@ -8,8 +8,9 @@ P domain pairs. In `outputs_TKD` the trailing D is the model dimension (the name
 
 Batch levels: *micro-batch* = what this rank's forward pass saw; *global batch* = the concatenation
 of the micro-batches of all data-parallel ranks at the same micro-step. Every loss is computed on
-the micro-batch except the expert-divergence loss, whose domain means are those of the global batch
-(`global_domain_means` is the only function that communicates, over the `group` it is given).
+the micro-batch except the expert-divergence loss, whose domain means are those of the global batch,
+and the global-batch load balance. Only `global_domain_means` and `global_load_balance_loss`
+communicate, over the `group` they are given, both with the same straight-through construction.
 
 Half-precision inputs are promoted to float32; float32/float64 inputs keep their dtype.
 """
@@ -46,6 +47,48 @@ def _kl(p_E: Tensor, m_E: Tensor, floor: float | None = None) -> Tensor:
     """
     floor = torch.finfo(p_E.dtype).tiny if floor is None else floor
     return (p_E * (p_E.clamp_min(floor).log() - m_E.clamp_min(floor).log())).sum(-1)
+
+
+# --------------------------------------------------------------------------- load balance (spec 1)
+
+def global_load_balance_loss(*, probs_LTE: Tensor, indices_LTK: Tensor, mask_T: Tensor | None = None,
+                             group: dist.ProcessGroup | None = None) -> Tensor:
+    """GShard/Switch L_aux over the global batch (`balance.scope: global_batch`, Qiu et al. 2025), per layer:
+
+        L[l] = E * sum_j f[l, j] * P[l, j]
+        f[l, j] = (top-k slots of valid tokens that chose j) / (K * valid tokens)   (counted before capacity)
+        P[l, j] = mean over valid tokens of p[t, j]
+
+    with both counts taken over the concatenated micro-batches of all ranks of `group` (the
+    data-parallel group the router's gradient is averaged over; None or size 1: this micro-batch).
+    f carries no gradient. ONE all-reduce of the detached [counts, probability sums, tokens] buffer;
+    the probability sums are then made straight-through (value: global sum, gradient: N x local), as
+    in `global_domain_means`, so every rank returns the global value and DeepSpeed's gradient averaging
+    yields exactly the gradient of the loss on the concatenated batch. Unlike DeepSpeed's per-micro-batch
+    `l_aux` (which counts only the first choice for k = 2 and includes padding), f counts all K slots of
+    valid tokens; for k = 1 and no padding the single-rank value equals DeepSpeed's.
+    Returns the [L] losses (0 for a global batch without valid tokens).
+    """
+    probs_LTE = _at_least_fp32(probs_LTE)
+    num_layers, _, num_experts = probs_LTE.shape
+    k = indices_LTK.shape[-1]
+    valid_T = torch.ones(probs_LTE.shape[1], dtype=torch.bool, device=probs_LTE.device) if mask_T is None else mask_T
+    weight_T = valid_T.to(probs_LTE.dtype)
+    counts_LE = torch.zeros(num_layers, num_experts, dtype=probs_LTE.dtype, device=probs_LTE.device)
+    counts_LE.scatter_add_(1, indices_LTK.flatten(1), weight_T[None, :, None].expand(num_layers, -1, k).flatten(1))
+    psum_LE = (probs_LTE * weight_T[None, :, None]).sum(1)
+    tokens = weight_T.sum()
+    world = 1 if group is None else dist.get_world_size(group)
+    if world > 1:
+        flat = torch.cat([counts_LE.reshape(-1), psum_LE.detach().reshape(-1), tokens.reshape(1)])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        size = num_layers * num_experts
+        counts_LE = flat[:size].view_as(counts_LE)
+        psum_LE = flat[size:2 * size].view_as(psum_LE) + world * (psum_LE - psum_LE.detach())
+        tokens = flat[-1]
+    denominator = _nonzero_or_one(tokens)
+    f_LE = counts_LE / (k * denominator)
+    return num_experts * (f_LE * psum_LE).sum(-1) / denominator
 
 
 # --------------------------------------------------------------------------- z-loss (spec 2)

@@ -47,6 +47,17 @@ def test_total_is_lm_plus_sum_of_scaled_terms_averaged_over_layers():
     assert res.divergence_domains_present == 3
 
 
+def test_global_batch_balance_counts_valid_tokens_of_all_slots():
+    cfg = objectives_cfg(**{"balance.coef": 0.01, "balance.scope": '"global_batch"'})
+    out = output()
+    res = ObjectiveComposer(cfg, num_domains=3)(out, domain_ids_BS=DOMAINS, step=0)
+    expected = objectives.global_load_balance_loss(probs_LTE=torch.stack([r.probs_TE for r in out.routing]),
+                                                   indices_LTK=torch.stack([r.indices_TK for r in out.routing]),
+                                                   mask_T=DOMAINS.flatten() >= 0)
+    torch.testing.assert_close(res.per_layer["l_aux"], expected)
+    assert not torch.allclose(res.per_layer["l_aux"], torch.stack([r.l_aux for r in out.routing]))
+
+
 def test_layer_reduction_sum():
     cfg = objectives_cfg(layer_reduction="sum")
     res = ObjectiveComposer(cfg, num_domains=3)(output(), domain_ids_BS=DOMAINS, step=0)

@@ -221,6 +221,48 @@ def naive_decomposition(pbar_NE, domains_N, weights_N):
     return d_total, d_inter, d_intra
 
 
+# --------------------------------------------------------------------------- load balance
+
+def naive_load_balance(probs_LTE, indices_LTK, mask_T):
+    """E * sum_j f_j * P_j per layer, by loops over valid tokens and their slots."""
+    losses = []
+    for probs_TE, indices_TK in zip(probs_LTE, indices_LTK):
+        num_experts, k = probs_TE.shape[1], indices_TK.shape[1]
+        valid = [t for t in range(probs_TE.shape[0]) if mask_T is None or bool(mask_T[t])]
+        if not valid:
+            losses.append(probs_TE.sum() * 0)
+            continue
+        loss = 0
+        for j in range(num_experts):
+            f = sum(int(indices_TK[t, s]) == j for t in valid for s in range(k)) / (k * len(valid))
+            loss = loss + f * sum(probs_TE[t, j] for t in valid) / len(valid)
+        losses.append(num_experts * loss)
+    return torch.stack(losses)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_global_load_balance_matches_naive_on_one_rank(k, with_mask):
+    probs = _randn(2, 11, 5, seed=3, scale=2.0).softmax(-1)
+    indices = probs.topk(k, dim=-1).indices
+    mask = torch.rand(11, generator=_gen(4)) > 0.3 if with_mask else None
+    _compare(lambda p: obj.global_load_balance_loss(probs_LTE=p, indices_LTK=indices, mask_T=mask),
+             lambda p: naive_load_balance(p, indices, mask), [probs])
+    none = torch.zeros(11, dtype=torch.bool)
+    assert torch.equal(obj.global_load_balance_loss(probs_LTE=probs, indices_LTK=indices, mask_T=none),
+                       torch.zeros(2, dtype=DT))
+
+
+def test_global_load_balance_with_k1_equals_deepspeeds_l_aux():
+    from deepspeed.moe.sharded_moe import top1gating
+
+    logits = _randn(32, 6, seed=5, scale=2.0).float()
+    l_aux = top1gating(logits, capacity_factor=1.0, min_capacity=1)[0]
+    ours = obj.global_load_balance_loss(probs_LTE=logits.softmax(-1)[None],
+                                        indices_LTK=logits.argmax(-1)[None, :, None])
+    torch.testing.assert_close(ours[0], l_aux)
+
+
 # --------------------------------------------------------------------------- z-loss
 
 @pytest.mark.parametrize("with_mask", [False, True])

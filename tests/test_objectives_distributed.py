@@ -1,4 +1,5 @@
-"""Expert-divergence loss on 2 real gloo ranks == the single-process loss on the concatenated batch.
+"""Expert-divergence loss and global-batch load balance on 2 real gloo ranks == the single-process
+loss on the concatenated batch.
 
     .venv/bin/python -m pytest tests/test_objectives_distributed.py -q
 
@@ -49,6 +50,16 @@ def _loss_and_grad(x_BSM, ids_BS, weight_LME, *, average, form, group):
     return {"loss": loss.detach(), "jsd": jsd_L.detach(), "present": int(present), "grad": grad}
 
 
+def _balance_loss_and_grad(x_BSM, ids_BS, weight_LME, *, group, k=2):
+    weight = weight_LME.clone().requires_grad_(True)
+    probs_LTE = torch.einsum("tm,lme->lte", x_BSM.reshape(-1, MODEL_DIM), weight).softmax(-1)
+    indices_LTK = probs_LTE.detach().topk(k, dim=-1).indices
+    loss_L = obj.global_load_balance_loss(probs_LTE=probs_LTE, indices_LTK=indices_LTK,
+                                          mask_T=ids_BS.flatten() >= 0, group=group)
+    (grad,) = torch.autograd.grad(loss_L.mean(), weight)
+    return {"loss": loss_L.detach(), "grad": grad}
+
+
 def _rank_main(rank, world_size, weight, batches):
     own_groups = [dist.new_group([r]) for r in range(world_size)]  # every rank must create every group
     results = {}
@@ -59,6 +70,7 @@ def _rank_main(rank, world_size, weight, batches):
             results[name, average, form] = _loss_and_grad(x, ids, weight, group=dist.group.WORLD, **kw)
             results[name, average, form, "size1"] = _loss_and_grad(x, ids, weight, group=own_groups[rank], **kw)
             results[name, average, form, "local"] = _loss_and_grad(x, ids, weight, group=None, **kw)
+        results[name, "balance"] = _balance_loss_and_grad(x, ids, weight, group=dist.group.WORLD)
     return results
 
 
@@ -108,3 +120,20 @@ def test_group_of_size_one_is_local(spawned, case, average, form):
     for r in results:
         size1, local = r[case, average, form, "size1"], r[case, average, form, "local"]
         assert torch.equal(size1["loss"], local["loss"]) and torch.equal(size1["grad"], local["grad"])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_global_batch_load_balance_on_two_ranks_matches_concatenated_batch(spawned, case):
+    """balance.scope=global_batch: every rank's L_aux is the concatenated batch's; mean gradient likewise."""
+    weight, batches, results = spawned
+    x, ids = _concatenate(batches[case])
+    single = _balance_loss_and_grad(x, ids, weight, group=None)
+    per_rank = [r[case, "balance"] for r in results]
+    for got in per_rank:
+        torch.testing.assert_close(got["loss"], single["loss"], rtol=1e-10, atol=1e-13)
+    mean_grad = torch.stack([got["grad"] for got in per_rank]).mean(0)
+    torch.testing.assert_close(mean_grad, single["grad"], rtol=1e-10, atol=1e-13)
+    assert not torch.allclose(per_rank[0]["grad"], single["grad"])  # the ranks' own gradients differ
+    local = _balance_loss_and_grad(*batches[case][0], weight, group=None)
+    if all(bool((ids >= 0).any()) for _, ids in batches[case]):  # else the global batch is rank 0's
+        assert not torch.allclose(local["loss"], single["loss"])  # the micro-batch value is another number

@@ -173,3 +173,18 @@ def test_init_from_starts_a_new_run_from_another_runs_weights(smoke_run, tmp_pat
                           args=(str(run_dir), str(tmp_path / "tok2"), ["data.split_seed=7",
                                                                        f"data.tokenizer.path={tokenizer}"]))[0]
     assert reused["same_weights"]
+
+
+def test_global_batch_balance_is_one_value_on_every_rank_and_independent_of_ep(tmp_path):
+    """balance.scope=global_batch: L_aux (term 1 of the logged list) is the global batch's value, the same
+    on both ranks, where the micro-batch scope gives each rank its own; EP=2 trains exactly like EP=1."""
+    scope = 'objectives.balance.scope="global_batch"'
+    ep1 = run_on_ranks(_losses_on_ranks, args=([scope], {}, str(tmp_path / "a")), timeout=300)
+    ep2 = run_on_ranks(_losses_on_ranks, args=([scope, "model.moe.ep_size=2"], {}, str(tmp_path / "b")), timeout=300)
+    for step in range(3):
+        assert ep1[0][step][1] == ep1[1][step][1] and ep2[0][step][1] == ep2[1][step][1]
+    for rank_a, rank_b in zip(ep1, ep2):
+        for step_a, step_b in zip(rank_a, rank_b):
+            assert step_b == pytest.approx(step_a, rel=1e-4, abs=1e-6)
+    micro = run_on_ranks(_losses_on_ranks, args=([], {}, str(tmp_path / "c")), timeout=300)
+    assert micro[0][0][1] != micro[1][0][1]
