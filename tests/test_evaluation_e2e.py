@@ -120,6 +120,7 @@ def test_two_gloo_ranks_give_the_single_process_report(run_dir, one_rank):
     for report, _ in results:
         assert report["eval"]["world_size"] == 2
         assert report["tokens"] == single["tokens"]
+        assert report["held_out_sha256"] == single["held_out_sha256"] and len(single["held_out_sha256"]) == 64
         assert report["lm_loss"] == pytest.approx(single["lm_loss"], rel=1e-9)
         for name, domain in single["per_domain"].items():
             assert report["per_domain"][name]["ppl"] == pytest.approx(domain["ppl"], rel=1e-9)
@@ -241,6 +242,7 @@ def test_a_shuffled_label_run_is_evaluated_on_the_true_labels(shuffled_run):
     assert true["labels"] == "true (run trained with shuffled labels, seed 0)"
     assert as_trained["labels"] == "as trained: shuffled (seed 0)"
     assert true["tokens"] == as_trained["tokens"] and true["lm_loss"] == pytest.approx(as_trained["lm_loss"], rel=1e-12)
+    assert true["held_out_sha256"] == as_trained["held_out_sha256"]  # labels differ, tokens do not
     assert "- labels: true (run trained with shuffled labels, seed 0)" in (path / "eval" / "true" / "report.md").read_text()
     saved = json.loads((path / "eval" / "global_step2-as-trained" / "report.json").read_text())
     assert saved["labels"] == as_trained["labels"] and saved["domain_column"] == "domain"

@@ -141,3 +141,22 @@ def test_no_difference_to_the_reference_on_other_held_out_tokens(plan):
             path.write_text(json.dumps({**report(run.steps, 2.0, domains=("math",)), "tokens": 400}))
     _, b = summarise(collect(list(plan.runs), plan.eval), variants=plan.variants, reference="a")
     assert b.delta_to_reference is None and b.mean["lm_loss"] == 2.0
+
+
+def test_held_out_digest_decides_when_both_reports_have_one(plan):
+    """Same token count and domains but other tokens (another tokenizer, split or packing): no difference;
+    LOSS gives b - a = -0.1 (seed 0) and -0.2 (seed 1)."""
+    def rewrite(digest_of):
+        for run in plan.runs:
+            if run.variant in ("a", "b"):
+                path = next(run.run_dir.glob("eval/*/report.json"))
+                data = json.loads(path.read_text())
+                path.write_text(json.dumps({**data, "held_out_sha256": digest_of(run)}))
+        return summarise(collect(list(plan.runs), plan.eval), variants=plan.variants, reference="a")[1]
+
+    b = rewrite(lambda run: f"tokens of seed {run.seed}")
+    assert b.delta_to_reference[0] == pytest.approx(-0.15)
+    b = rewrite(lambda run: "other tokens" if (run.variant, run.seed) == ("b", 0) else f"tokens of seed {run.seed}")
+    assert b.delta_to_reference[0] == pytest.approx(-0.2)  # seed 1 only
+    b = rewrite(lambda run: run.variant)
+    assert b.delta_to_reference is None

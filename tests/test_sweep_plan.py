@@ -93,3 +93,10 @@ def test_a_run_dir_of_another_config_or_longer_run_is_a_conflict(plan):
     resumed["train"].update(resume=True, steps=3)  # a resumed or extended run is the same run
     fake_checkpoint(ed, 3, config=resumed)
     assert detect(ed, plan.eval).state is State.RESUME
+    older = to_dict(ed.config)
+    del older["objectives"]["balance"]["scope"]  # written before the setting existed: its default
+    fake_checkpoint(ed, 3, config=older)
+    assert detect(ed, plan.eval).state is State.RESUME
+    older["objectives"]["balance"]["scope"] = "global_batch"
+    fake_checkpoint(ed, 3, config=older)
+    assert "objectives.balance.scope: run dir 'global_batch', sweep 'micro_batch'" in detect(ed, plan.eval).detail

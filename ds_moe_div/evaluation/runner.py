@@ -20,6 +20,7 @@ used; --as-trained-labels uses the shuffled ones instead (output suffixed -as-tr
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
 import time
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ds_moe_div.checkpoint import CheckpointError
+from ds_moe_div.checkpoint import CheckpointError, tokenizer_digest
 from ds_moe_div.config_loader import ConfigError
 from ds_moe_div.data import BatchLoader, DataError
 from ds_moe_div.evaluation.heldout import heldout_sums, summarize
@@ -156,6 +157,7 @@ def evaluate(args) -> dict:
         "step": loaded.step, "split": args.split, "domain_column": column, "labels": labels,
         "domain_names": list(names),
         "tokens": base.tokens, "lm_loss": base.lm_loss, "ppl": base.ppl,
+        "held_out_sha256": held_out_digest(split, steps * loader.global_batch, loaded.data.tokenizer_path),
         "per_domain": {name: d.to_dict() for name, d in base.per_domain.items()}, "delta_ppl": delta,
         "permutations": {"kind": "derangement", "seeds": seeds,
                          **{f"layer_{lid}": [p[i].tolist() for p in perms] for i, lid in enumerate(layer_ids)}},
@@ -167,6 +169,14 @@ def evaluate(args) -> dict:
     if info.is_main:
         _write_outputs(report, stats, out_dir, tensorboard=args.tensorboard)
     return plain(report)
+
+
+def held_out_digest(split, rows: int, tokenizer: Path) -> str:
+    """sha256 of the tokenizer and the token rows an evaluation scored (the loader reads them in order):
+    two reports with one digest measured their losses on exactly the same tokens."""
+    digest = hashlib.sha256(tokenizer_digest(tokenizer).encode())
+    digest.update(split.tokens_NS1[:rows].tobytes(order="C"))
+    return digest.hexdigest()
 
 
 def _settings(loaded: LoadedCheckpoint, args, *, steps: int, passes: int, seconds: float, out_dir: Path) -> dict:

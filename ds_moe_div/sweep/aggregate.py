@@ -8,7 +8,8 @@ Metrics per run (from RUN/eval/<tag>/report.json of its final checkpoint): lm_lo
 delta_ppl/all_layers and delta_ppl/layer_<i> (means over permutations), every routing/<...>/mean, and
 the last train/lm_loss and eval/val_lm_loss from TensorBoard. Std is the sample std over seeds (n-1);
 "Δ vs <reference>" is the mean of per-seed differences to the reference variant's run of the same seed,
-given only where both were evaluated on the same held-out tokens.
+given only where both were evaluated on the same held-out tokens (the reports' `held_out_sha256`; for
+older reports without it, the same token count and domains).
 """
 from __future__ import annotations
 
@@ -114,8 +115,11 @@ def _same_held_out(run: RunResult, reference: RunResult) -> bool:
     """Both losses were measured on the same held-out tokens (not, e.g., a fine-tuning run on one domain
     against its pretrained parent on all of them)."""
     a, b = run.report, reference.report
-    return ("lm_loss" in run.metrics and "lm_loss" in reference.metrics and a.get("tokens") == b.get("tokens")
-            and sorted(a.get("per_domain") or {}) == sorted(b.get("per_domain") or {}))
+    if "lm_loss" not in run.metrics or "lm_loss" not in reference.metrics:
+        return False
+    if a.get("held_out_sha256") and b.get("held_out_sha256"):  # the tokens themselves (reports since v0.2)
+        return a["held_out_sha256"] == b["held_out_sha256"]
+    return a.get("tokens") == b.get("tokens") and sorted(a.get("per_domain") or {}) == sorted(b.get("per_domain") or {})
 
 
 def summarise(results: list[RunResult], *, variants, reference: str | None) -> list[VariantSummary]:

@@ -179,8 +179,12 @@ def _flatten(tree, prefix: str = "") -> dict:
 
 
 def config_differences(run: RunSpec, saved: dict) -> list[str]:
+    """Keys whose values differ. A key the saved config lacks counts as its default value: the run was
+    written before that setting existed, when it behaved as the default does."""
     planned, saved = _flatten(to_dict(run.config)), _flatten(saved)
-    keys = sorted((set(planned) | set(saved)) - set(IGNORED_KEYS))
+    defaults = _flatten(to_dict(ExperimentConfig()))
+    saved = {k: saved.get(k, defaults.get(k)) for k in set(planned) | set(saved)}
+    keys = sorted(set(saved) - set(IGNORED_KEYS))
     return [f"{k}: run dir {saved.get(k)!r}, sweep {planned.get(k)!r}" for k in keys if planned.get(k) != saved.get(k)]
 
 
