@@ -8,6 +8,7 @@ import contextlib
 import os
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -46,7 +47,25 @@ def init_distributed() -> RankInfo:
                     local_world_size=_local_world_size())
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(info.local_rank)
+    elif info.world_size > 1:
+        unlink_shm_buffer(info.rank)
     return info
+
+
+def shm_buffer_path(rank: int) -> Path:
+    """DeepSpeed's CPU shared-memory all-reduce buffer of `rank` (shm.cpp: name_uid_addr_port_rank)."""
+    return Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_"
+                               f"{os.environ['MASTER_PORT']}_{rank}")
+
+
+def unlink_shm_buffer(rank: int) -> None:
+    """DeepSpeed 0.19.8 never unlinks the 67 MB buffer each rank creates in /dev/shm, so every CPU
+    launch leaks 67 MB per rank until the machine runs out of memory (a sweep of 30 runs: 4 GB). Each
+    rank maps all peers' buffers inside deepspeed.init_distributed; after a barrier the names are no
+    longer needed, and unlinking them frees the memory when the processes exit."""
+    dist.barrier()
+    with contextlib.suppress(FileNotFoundError):
+        shm_buffer_path(rank).unlink()
 
 
 def _local_world_size() -> int:

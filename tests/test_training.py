@@ -26,12 +26,15 @@ pytestmark = pytest.mark.slow
 def launch(tmp_path: Path, *overrides: str, ranks: int = 2, timeout: int = 420) -> subprocess.CompletedProcess:
     """Run scripts/train.py through the deepspeed launcher; kill the whole process group on timeout."""
     deepspeed = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(deepspeed), "--num_gpus", str(ranks), "--master_port", str(free_port()), str(ROOT / "scripts/train.py"),
+    port = free_port()
+    cmd = [str(deepspeed), "--num_gpus", str(ranks), "--master_port", str(port), str(ROOT / "scripts/train.py"),
            "--deepspeed_config", str(DS_ZERO2), "--config", str(SMOKE)]
     for o in overrides:
         cmd += [o] if o.startswith("--") else ["--override", o]
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    return run_command(cmd, cwd=tmp_path, env=env, timeout=timeout)
+    result = run_command(cmd, cwd=tmp_path, env=env, timeout=timeout)
+    result.port = port
+    return result
 
 
 def scalars(log_dir: Path) -> dict[str, dict[int, float]]:
@@ -54,6 +57,13 @@ def smoke_run(tmp_path_factory):
     result = launch(tmp, "train.run_dir=run", "train.log_interval=1")
     assert result.returncode == 0, result.stdout[-6000:]
     return tmp / "run", result.stdout
+
+
+def test_launcher_run_leaves_no_shared_memory_buffers(tmp_path):
+    """DeepSpeed's CPU all-reduce buffers (67 MB a rank in /dev/shm) are unlinked once mapped."""
+    result = launch(tmp_path, "train.run_dir=run", "train.steps=1")
+    assert result.returncode == 0, result.stdout[-6000:]
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{result.port}_*"))
 
 
 def test_launcher_run_logs_every_enabled_term_and_checkpoints(smoke_run):
