@@ -23,6 +23,11 @@ class DeepSpeedConfigError(ValueError):
 SCHEDULERS_WITH_LENGTH = ("WarmupDecayLR", "WarmupCosineLR")
 
 
+def scheduler_has_length(ds: dict) -> bool:
+    """The DeepSpeed config's scheduler takes total_num_steps."""
+    return ds.get("scheduler", {}).get("type") in SCHEDULERS_WITH_LENGTH
+
+
 def load_ds_config(path) -> dict:
     if path is None:
         raise DeepSpeedConfigError("no DeepSpeed config: pass --deepspeed_config ds_configs/ds_zero2_cpu.json "
@@ -48,7 +53,7 @@ def check_ds_config(ds: dict, cfg: ExperimentConfig, *, world_size: int, on_cpu:
                                    "\"torch_adam\": true on CPU) so DeepSpeed builds the MoE parameter groups")
     if on_cpu and ds.get("fp16", {}).get("enabled"):
         raise DeepSpeedConfigError("fp16.enabled is true but this run is on CPU: use fp32 (or bf16 on GPU)")
-    _check_schedule(ds.get("scheduler"), cfg.train.steps)
+    _check_schedule(ds, cfg.train.steps)
     return resolve_batch(ds, cfg, world_size=world_size)
 
 
@@ -64,10 +69,10 @@ def _check_zero(zero: dict) -> None:
                                            f"requires it; set \"{key}\": true or use stage 1")
 
 
-def _check_schedule(scheduler: dict | None, steps: int) -> None:
-    if not scheduler or scheduler.get("type") not in SCHEDULERS_WITH_LENGTH:
+def _check_schedule(ds: dict, steps: int) -> None:
+    if not scheduler_has_length(ds):
         return
-    total = scheduler.get("params", {}).get("total_num_steps")
+    total = ds["scheduler"].get("params", {}).get("total_num_steps")
     if total is not None and total != steps:
         raise DeepSpeedConfigError(
             f"scheduler.params.total_num_steps={total} but train.steps={steps}: the learning-rate schedule would "
@@ -109,9 +114,7 @@ def engine_config(ds: dict, micro: int, gas: int, world_size: int, *, steps: int
     resolved = dict(ds)
     resolved.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=gas,
                     train_batch_size=micro * gas * world_size)
-    scheduler = ds.get("scheduler")
-    if steps is not None and scheduler and scheduler.get("type") in SCHEDULERS_WITH_LENGTH:
-        params = dict(scheduler.get("params", {}))
-        params.setdefault("total_num_steps", steps)
-        resolved["scheduler"] = dict(scheduler, params=params)
+    if steps is not None and scheduler_has_length(ds):
+        scheduler = ds["scheduler"]
+        resolved["scheduler"] = dict(scheduler, params={"total_num_steps": steps, **scheduler.get("params", {})})
     return resolved

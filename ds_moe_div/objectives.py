@@ -49,6 +49,26 @@ def _kl(p_E: Tensor, m_E: Tensor, floor: float | None = None) -> Tensor:
     return (p_E * (p_E.clamp_min(floor).log() - m_E.clamp_min(floor).log())).sum(-1)
 
 
+def _straight_through_sums(grad_parts: list[Tensor], plain_parts: list[Tensor],
+                           group: dist.ProcessGroup | None) -> tuple[list[Tensor], list[Tensor]]:
+    """Sums over the ranks of `group` with ONE all-reduce (SUM) of all parts, detached, in one buffer.
+
+    `grad_parts` come back straight-through: global.detach() + N * (local - local.detach()), i.e. the
+    value of the global sum with N times the gradient of the local one, which DeepSpeed's averaging over
+    the N ranks turns into the gradient of the global sum. `plain_parts` come back as plain global sums
+    (in the dtype of the first grad part). None or a group of size 1: everything unchanged.
+    """
+    world = 1 if group is None else dist.get_world_size(group)
+    if world == 1:
+        return grad_parts, plain_parts
+    parts = [*grad_parts, *plain_parts]
+    flat = torch.cat([part.detach().reshape(-1).to(grad_parts[0].dtype) for part in parts])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    sums = [chunk.view(part.shape) for chunk, part in zip(flat.split([p.numel() for p in parts]), parts)]
+    grads = [total + world * (local - local.detach()) for total, local in zip(sums, grad_parts)]
+    return grads, sums[len(grad_parts):]
+
+
 # --------------------------------------------------------------------------- load balance (spec 1)
 
 def global_load_balance_loss(*, probs_LTE: Tensor, indices_LTK: Tensor, mask_T: Tensor | None = None,
@@ -77,15 +97,7 @@ def global_load_balance_loss(*, probs_LTE: Tensor, indices_LTK: Tensor, mask_T: 
     counts_LE = torch.zeros(num_layers, num_experts, dtype=probs_LTE.dtype, device=probs_LTE.device)
     counts_LE.scatter_add_(1, indices_LTK.flatten(1), weight_T[None, :, None].expand(num_layers, -1, k).flatten(1))
     psum_LE = (probs_LTE * weight_T[None, :, None]).sum(1)
-    tokens = weight_T.sum()
-    world = 1 if group is None else dist.get_world_size(group)
-    if world > 1:
-        flat = torch.cat([counts_LE.reshape(-1), psum_LE.detach().reshape(-1), tokens.reshape(1)])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-        size = num_layers * num_experts
-        counts_LE = flat[:size].view_as(counts_LE)
-        psum_LE = flat[size:2 * size].view_as(psum_LE) + world * (psum_LE - psum_LE.detach())
-        tokens = flat[-1]
+    (psum_LE,), (counts_LE, tokens) = _straight_through_sums([psum_LE], [counts_LE, weight_T.sum()], group)
     denominator = _nonzero_or_one(tokens)
     f_LE = counts_LE / (k * denominator)
     return num_experts * (f_LE * psum_LE).sum(-1) / denominator
@@ -177,14 +189,7 @@ def global_domain_means(*, sums_LDE: Tensor, counts_D: Tensor,
     coefficient would be beta_ed / N.) Every rank must add the loss to its objective, including
     ranks with no labelled token; the micro-batches of one accumulation step are separate global batches.
     """
-    world = 1 if group is None else dist.get_world_size(group)
-    if world > 1:
-        num_domains = counts_D.shape[0]
-        flat = torch.cat([sums_LDE.detach().reshape(-1), counts_D.detach().to(sums_LDE.dtype)])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-        global_sums_LDE = flat[:-num_domains].view_as(sums_LDE)
-        sums_LDE = global_sums_LDE + world * (sums_LDE - sums_LDE.detach())
-        counts_D = flat[-num_domains:]
+    (sums_LDE,), (counts_D,) = _straight_through_sums([sums_LDE], [counts_D], group)
     return sums_LDE / _nonzero_or_one(counts_D)[None, :, None].to(sums_LDE.dtype), counts_D
 
 

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from ds_moe_div.config_loader import apply_overrides
-from ds_moe_div.ds_config import SCHEDULERS_WITH_LENGTH
+from ds_moe_div.ds_config import scheduler_has_length
 from ds_moe_div.sweep.config import REPO_ROOT, EvalSpec
 from ds_moe_div.sweep.plan import Plan, RunSpec
 
@@ -54,7 +54,7 @@ def write_ds_config(plan: Plan, run: RunSpec) -> Path:
     """The sweep's DeepSpeed file, with a length-dependent scheduler's total_num_steps = the run's train.steps
     when the sweep says so (written out, so that the run dir records the schedule it trained with)."""
     ds = json.loads(plan.deepspeed_config.read_text())
-    if plan.sweep.schedule_follows_steps and ds.get("scheduler", {}).get("type") in SCHEDULERS_WITH_LENGTH:
+    if plan.sweep.schedule_follows_steps and scheduler_has_length(ds):
         ds = apply_overrides(ds, [f"scheduler.params.total_num_steps={run.steps}"])
     path = run.run_dir / DS_CONFIG_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
