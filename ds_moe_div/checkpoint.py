@@ -1,54 +1,27 @@
 """Checkpoints through `engine.save_checkpoint`, with the trainer's client state beside DeepSpeed's.
 
-Layout: <run_dir>/checkpoints/<tag>/ holds DeepSpeed's files, `run_config.json` (the resolved experiment
-config and the architecture facts that must match to load, the tokenizer's digest among them),
-`tokenizer.json` (the tokenizer the run was trained with) and `rng_rank<r>.pt` (each rank's RNG).
+Layout (its names are owned by rundir.py): <run_dir>/checkpoints/<tag>/ holds DeepSpeed's files,
+`run_config.json` (the resolved experiment config and the architecture facts that must match to load,
+the tokenizer's digest among them), `tokenizer.json` (the tokenizer the run was trained with) and `rng_rank<r>.pt` (each rank's RNG).
 The client state (step, data position, composer state) rides in DeepSpeed's own model-state file.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
+from ds_moe_div import fileio, rundir
 from ds_moe_div.distributed import rng_state, set_rng_state
+from ds_moe_div.rundir import CheckpointError, checkpoint_root, latest_tag, resolve_checkpoint
 
 # Model-config keys that decide parameter shapes; anything else (capacity, ep_size...) may change.
 ARCH_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "tie_embeddings", "moe.num_experts",
              "moe.layer_pattern", "moe.first_dense_layers", "moe.use_residual")
 
-
-TOKENIZER_FILE = "tokenizer.json"
-
-
-class CheckpointError(RuntimeError):
-    pass
-
-
-def checkpoint_root(run_dir) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def latest_tag(root: Path) -> str | None:
-    latest = root / "latest"
-    return latest.read_text().strip() if latest.is_file() else None
-
-
-def resolve_checkpoint(path) -> tuple[Path, str]:
-    """Accept a run dir, its checkpoints/ dir, or one tag dir; return (root, tag)."""
-    p = Path(path)
-    for root in (checkpoint_root(p), p):
-        tag = latest_tag(root)
-        if tag is not None:
-            return root, tag
-    if (p / "run_config.json").is_file():
-        return p.parent, p.name
-    raise CheckpointError(f"no checkpoint at {p}: expected a run dir, its checkpoints/ dir (with a 'latest' file) "
-                          f"or a checkpoint tag dir")
 
 
 def check_run_dir(run_dir, *, resume: bool) -> None:
@@ -93,7 +66,7 @@ def check_architecture(saved: dict, current: dict, where: Path) -> None:
         raise CheckpointError(
             f"checkpoint {where} was trained with another tokenizer (sha256 {theirs[:12]}) than this config's data "
             f"uses ({ours[:12]}): the corpus, its split or the tokenizer settings changed since, so token ids would "
-            f"not mean what the weights learned. Set data.tokenizer.path={where / TOKENIZER_FILE} to reuse the "
+            f"not mean what the weights learned. Set data.tokenizer.path={rundir.tokenizer_path(where)} to reuse the "
             f"checkpoint's tokenizer, or restore the data it was trained on.")
 
 
@@ -104,23 +77,13 @@ def save(engine, run_dir, *, step: int, client: dict, run_config: dict, arch: di
     engine.save_checkpoint(str(root), tag=tag, client_state={"ds_moe_div": client})
     tag_dir = root / tag
     tag_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(rng_state(), tag_dir / f"rng_rank{rank}.pt")
+    torch.save(rng_state(), rundir.rng_path(tag_dir, rank))
     if rank == 0:
         if tokenizer is not None:
-            shutil.copyfile(tokenizer, tag_dir / f"{TOKENIZER_FILE}.tmp")
-            os.replace(tag_dir / f"{TOKENIZER_FILE}.tmp", tag_dir / TOKENIZER_FILE)
-        tmp = tag_dir / "run_config.json.tmp"
-        tmp.write_text(json.dumps({"config": run_config, "architecture": arch, "step": step}, indent=2))
-        os.replace(tmp, tag_dir / "run_config.json")
+            with fileio.atomic_path(rundir.tokenizer_path(tag_dir)) as tmp:
+                shutil.copyfile(tokenizer, tmp)
+        fileio.write_json(rundir.run_config_path(tag_dir), {"config": run_config, "architecture": arch, "step": step})
     return tag_dir
-
-
-def _read_run_config(tag_dir: Path) -> dict:
-    try:
-        return json.loads((tag_dir / "run_config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{tag_dir}/run_config.json is missing or corrupt ({e}); the checkpoint was not "
-                              f"written completely: use an earlier tag") from None
 
 
 def load(engine, path, *, arch: dict, rank: int, module_only: bool) -> dict:
@@ -128,7 +91,7 @@ def load(engine, path, *, arch: dict, rank: int, module_only: bool) -> dict:
     else the full state (resume), returning the client state and restoring this rank's RNG."""
     root, tag = resolve_checkpoint(path)
     tag_dir = root / tag
-    check_architecture(_read_run_config(tag_dir)["architecture"], arch, tag_dir)
+    check_architecture(rundir.read_run_config(tag_dir)["architecture"], arch, tag_dir)
     try:
         loaded, client = engine.load_checkpoint(str(root), tag=tag, load_module_only=module_only,
                                                 load_optimizer_states=not module_only,
@@ -140,7 +103,7 @@ def load(engine, path, *, arch: dict, rank: int, module_only: bool) -> dict:
         raise CheckpointError(f"DeepSpeed found no loadable checkpoint in {tag_dir}")
     if module_only:
         return {}
-    rng_file = tag_dir / f"rng_rank{rank}.pt"
+    rng_file = rundir.rng_path(tag_dir, rank)
     if not rng_file.is_file():
         raise CheckpointError(f"{rng_file} is missing: resume with the same number of ranks the run was saved with")
     set_rng_state(torch.load(rng_file, weights_only=False))

@@ -11,7 +11,7 @@ Example::
         model: ModelConfig = ModelConfig()
         lr: float | Literal["auto"] = "auto"
     cfg = load_config(ExperimentConfig, "run.json", overrides=["model.num_experts=16"])
-    dump_config(cfg, run_dir / "config.json")  # resolved config; load_config reads it back
+    dump_config(cfg, "resolved.json")  # resolved config; load_config reads it back
 
 * An unknown key fails with its dotted path and the nearest valid name ("did you mean ...").
   Types are checked: a bool is not an int; an int is accepted for a float; JSON lists become
@@ -31,12 +31,13 @@ import difflib
 import json
 import os
 import re
-import tempfile
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
+
+from ds_moe_div import fileio
 
 T = TypeVar("T")
 _SCALARS = (int, float, bool, str, Path, type(None))
@@ -264,18 +265,5 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None,
 
 
 def dump_config(obj: Any, path: str | os.PathLike) -> None:
-    """Write `to_dict(obj)` as indented JSON atomically (temp file in the same dir + os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(to_dict(obj), indent=2) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the config is meant to be read by others
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write `to_dict(obj)` as indented JSON atomically (fileio.write_json)."""
+    fileio.write_json(path, to_dict(obj))

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ds_moe_div.fileio import free_port
+
 
 @dataclass(frozen=True)
 class RankInfo:
@@ -39,7 +41,7 @@ def init_distributed() -> RankInfo:
     for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, default)
     if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port())
+        os.environ["MASTER_PORT"] = str(free_port())
     on_cpu = get_accelerator().device_name() == "cpu"
     deepspeed.init_distributed(dist_backend="gloo" if on_cpu else get_accelerator().communication_backend_name())
     info = RankInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
@@ -74,13 +76,6 @@ def _local_world_size() -> int:
         if key in os.environ:
             return int(os.environ[key])
     return 1 if "WORLD_SIZE" not in os.environ else int(os.environ["WORLD_SIZE"])
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def set_cpu_threads(info: RankInfo) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from ds_moe_div import checkpoint
+from ds_moe_div import checkpoint, fileio, rundir
 from ds_moe_div.composer import ObjectiveComposer
 from ds_moe_div.config import ExperimentConfig
 from ds_moe_div.config_loader import dump_config, to_dict
@@ -103,11 +103,11 @@ def build(cfg: ExperimentConfig, ds: dict) -> TrainState:
     arch = checkpoint.architecture(to_dict(cfg.model), vocab, tokenizer=data.tokenizer_path)
     run_dir = Path(cfg.train.run_dir)
     state = TrainState(cfg=cfg, info=info, engine=engine, composer=composer, data=data, loader=loader,
-                       monitor=Monitor(run_dir / "tensorboard", enabled=False), micro_batch_size=micro,
+                       monitor=Monitor(rundir.tensorboard_dir(run_dir), enabled=False), micro_batch_size=micro,
                        arch=arch, window=_log_window(cfg, model, data))
     _restore(state)
     # Only now, with every check and the checkpoint load behind us, does the run write anything.
-    state.monitor = Monitor(run_dir / "tensorboard", enabled=info.is_main)
+    state.monitor = Monitor(rundir.tensorboard_dir(run_dir), enabled=info.is_main)
     if info.is_main:
         _write_run_files(state, ds)
     return state
@@ -160,7 +160,6 @@ def _restore(state: TrainState) -> None:
 
 def _write_run_files(state: TrainState, ds: dict) -> None:
     run_dir = Path(state.cfg.train.run_dir)
-    name = "config.json" if state.step == 0 else f"config.resumed_step{state.step}.json"
-    dump_config(state.cfg, run_dir / name)
-    (run_dir / "ds_config.json").write_text(json.dumps(ds, indent=2))
+    dump_config(state.cfg, rundir.config_path(run_dir, state.step))
+    fileio.write_json(rundir.ds_config_path(run_dir), ds)
     state.monitor.text("config", "```json\n" + json.dumps(to_dict(state.cfg), indent=2) + "\n```")

@@ -29,7 +29,6 @@ import os
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,7 @@ from ds_moe_div.composer import ObjectiveComposer
 from ds_moe_div.config import BalanceConfig, ExperimentConfig, ModelConfig, ObjectivesConfig, load_experiment
 from ds_moe_div.distributed import divergence_group, init_distributed, seed_everything, set_cpu_threads
 from ds_moe_div.ds_config import check_ds_config, engine_config, load_ds_config
+from ds_moe_div.fileio import free_port
 from ds_moe_div.log_window import LogWindow
 from ds_moe_div.metrics.accumulator import RoutingAccumulator
 from ds_moe_div.model import IGNORE_INDEX, Attention, MoELanguageModel, SwiGLU, rotary_tables
@@ -310,12 +310,6 @@ def peak_memory_mb(device) -> float:
 # ---- 2. scaling: the orchestrator --------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(args, ranks: int, ep_size: int, out: Path) -> tuple[int, str]:
     """One launcher run; on timeout its whole process group (launcher and ranks) is killed."""
     launcher = Path(sys.executable).parent / "deepspeed"
@@ -323,7 +317,7 @@ def launch(args, ranks: int, ep_size: int, out: Path) -> tuple[int, str]:
     forwarded = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                  if k in ("d_model", "layers", "experts", "k", "seq", "batch", "vocab", "domains", "steps",
                           "repeats", "warmup") and v is not None]
-    cmd = [launcher, "--num_gpus", str(ranks), "--master_port", str(_free_port()), str(Path(__file__).resolve()),
+    cmd = [launcher, "--num_gpus", str(ranks), "--master_port", str(free_port()), str(Path(__file__).resolve()),
            "--ranks-worker", f"--ep-size={ep_size}", f"--out={out}", *forwarded]
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "MASTER_PORT")}

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import pickle
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -24,11 +23,7 @@ from typing import Any
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ds_moe_div.fileio import free_port
 
 
 def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args: Sequence[Any]) -> None:

@@ -210,23 +210,3 @@ def test_markdown_report_renders_every_section_and_escapes_table_pipes():
     lines = shuffled.splitlines()
     held_out = next(i for i, line in enumerate(lines) if line.startswith("- held-out split"))
     assert lines[held_out + 1] == "- labels: true (run trained with shuffled labels, seed 5)"
-
-
-def test_find_report_prefers_true_label_reports(tmp_path):
-    import json
-    import os
-
-    from ds_moe_div.evaluation.compare import find_report
-
-    def write(name, labels, mtime):
-        d = tmp_path / "eval" / name
-        d.mkdir(parents=True)
-        f = d / "report.json"
-        f.write_text(json.dumps({"split": "test", "domain_column": "domain", "step": 5, "labels": labels,
-                                 "config": {"data": {"domain_column": "domain"}}}))
-        os.utime(f, (mtime, mtime))
-        return f
-
-    true_report = write("global_step5", "true (run trained with shuffled labels, seed 0)", 1_000)
-    write("global_step5-as-trained", "as trained: shuffled (seed 0)", 2_000)  # newer, but not true labels
-    assert find_report(tmp_path) == true_report

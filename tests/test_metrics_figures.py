@@ -9,6 +9,7 @@ import struct
 import pytest
 import torch
 
+from ds_moe_div.fileio import write_figure
 from ds_moe_div.metrics import figures
 from ds_moe_div.metrics.routing import domain_expert_frequency
 
@@ -35,7 +36,7 @@ def test_heatmap_png_is_written_with_labels(tmp_path):
     assert [t.get_text() for t in ax.get_xticklabels()] == [str(j) for j in range(8)]
     assert ax.get_title() == "selection frequency — layer 3" and len(fig.axes) == 2  # + colorbar
     assert sum(t.get_text() == "n/a" for t in ax.texts) == 8 and len(ax.texts) == 32
-    path = figures.save_png(fig, tmp_path / "sub" / "heatmap.png")
+    path = write_figure(fig, tmp_path / "sub" / "heatmap.png", dpi=120)
     width, height = _png_size(path)
     assert width > 400 and height > 200 and path.stat().st_size > 10_000
     assert list(path.parent.iterdir()) == [path]  # atomic write left no temporary file
@@ -55,7 +56,7 @@ def test_layers_summary_shares_one_colour_scale(tmp_path):
     top = max(float(f.nan_to_num(0).max()) for f in freqs)
     assert all(im.get_clim() == (0.0, pytest.approx(top)) for im in images)
     assert [ax.get_title() for ax in fig.axes if ax.images] == [f"layer {i}" for i in (1, 3, 5, 7, 9)]
-    width, height = _png_size(figures.save_png(fig, tmp_path / "layers.png"))
+    width, height = _png_size(write_figure(fig, tmp_path / "layers.png", dpi=120))
     assert width > height > 300
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.dist_utils import free_port, run_command, run_on_ranks
+from ds_moe_div.fileio import free_port
+from tests.dist_utils import run_command, run_on_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "ds_configs" / "experiments" / "smoke.json"

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ds_moe_div import fileio
 from ds_moe_div.corpus import fetch as registry
 from ds_moe_div.corpus import report
 from ds_moe_div.corpus.dedup import Deduplicator
@@ -165,13 +166,11 @@ def write_jsonl_gz(path: Path, documents: Iterable[dict]) -> None:
                     json.dumps({k: doc[k] for k in FIELDS}, ensure_ascii=False) + "\n"
                 ).encode("utf-8")
             )
-    registry.atomic_write_bytes(path, buffer.getvalue())
+    fileio.write_bytes(path, buffer.getvalue())
 
 
 def write_json(path: Path, obj) -> None:
-    registry.atomic_write_bytes(
-        path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode("utf-8")
-    )
+    fileio.write_json(path, obj, indent=1, sort_keys=True)
 
 
 def shuffled(results: list[SubdomainResult], seed: int = SHUFFLE_SEED) -> list[dict]:

@@ -20,6 +20,8 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ds_moe_div import fileio
+
 DEFAULT_CACHE = Path("~/.cache/ds_moe_div/registry")
 FETCH_TIMEOUT_S = 600
 REGISTRIES = ("debian", "pypi", "npm")
@@ -56,26 +58,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(
-            tmp, 0o644
-        )  # mkstemp makes 0600; the result is an ordinary shared file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _run(cmd: list[str], cwd: Path, what: str) -> str:
@@ -172,7 +154,7 @@ def fetch(registry: str, name: str, cache_dir: Path) -> Fetched:
             got.stat().st_size,
         )
         os.replace(got, pkg_dir / got.name)
-    atomic_write_text(record_path, json.dumps(asdict(record), indent=1))
+    fileio.write_text(record_path, json.dumps(asdict(record), indent=1))
     return record
 
 
@@ -196,5 +178,5 @@ def unpack_deb(record: Fetched, cache_dir: Path) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    atomic_write_text(stamp, record.sha256 + "\n")
+    fileio.write_text(stamp, record.sha256 + "\n")
     return root

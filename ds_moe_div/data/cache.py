@@ -67,9 +67,3 @@ def atomic_entry(entry: Path) -> Iterator[Path]:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def write_json_atomic(path: Path, content: dict) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(content, indent=1, default=str), encoding="utf-8")
-    os.replace(tmp, path)

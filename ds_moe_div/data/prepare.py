@@ -18,13 +18,14 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
+from ds_moe_div import fileio
+
 from .cache import (
     MANIFEST,
     atomic_entry,
     file_digest,
     key_of,
     read_manifest,
-    write_json_atomic,
 )
 from .config import DataConfig, cache_root
 from .documents import (
@@ -96,10 +97,8 @@ def _tokenizer(cfg: DataConfig, source: Source, scan: Scan, split_R: np.ndarray,
     chosen = _tokenizer_sample(scan.bytes_R, split_R, cfg.tokenizer.max_train_mb, cfg.split_seed)
     texts = (text for row, text in iter_documents(source, cfg, scan) if chosen[row])
     tokenizer = train_tokenizer(texts, cfg.tokenizer, length=int(chosen.sum()), show_progress=show_progress)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_name(f"{cached.name}.tmp-{time.monotonic_ns()}")
-    tokenizer.save(str(tmp))
-    tmp.replace(cached)
+    with fileio.atomic_path(cached) as tmp:
+        tokenizer.save(str(tmp))
     return tokenizer
 
 
@@ -173,7 +172,7 @@ def _build(cfg: DataConfig, source: Source, entry: Path, tokenizer_cache: Path, 
             rows_read=len(scan.domain_R), empty_skipped=scan.count(EMPTY),
             duplicates_skipped=scan.count(DUPLICATE), subsampled_out=scan.count(SUBSAMPLED),
             unknown_as_other=scan.scheme.unknown_as_other, build_seconds=round(time.perf_counter() - start, 3))
-        write_json_atomic(tmp / MANIFEST, {
+        fileio.write_json(tmp / MANIFEST, indent=1, default=str, data={
             "format": FORMAT_VERSION, "key_parts": parts, "config": dataclasses.asdict(cfg),
             "domain_names": list(names), "pad_id": pad_id, "eos_id": eos_id,
             "vocab_size": tokenizer.get_vocab_size(), "seq_len": cfg.seq_len, "packing": cfg.packing,

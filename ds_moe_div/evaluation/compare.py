@@ -18,35 +18,15 @@ import os
 import sys
 from pathlib import Path
 
+from ds_moe_div import fileio, rundir
 from ds_moe_div.evaluation.report import (
     SPECIALISATION_METRICS,
     fmt,
     table,
-    write_text_atomic,
 )
 
 IGNORED_CONFIG_KEYS = ("train.run_dir", "train.show_progress", "train.resume", "train.init_from")
 SETTINGS = ("split", "domain_column", "tokens")
-
-
-def find_report(path, *, split: str = "test", column: str | None = None) -> Path:
-    p = Path(path)
-    if p.is_file():
-        return p
-    if (p / "report.json").is_file():
-        return p / "report.json"
-    found = []
-    for file in (p / "eval").glob("*/report.json"):
-        report = json.loads(file.read_text())
-        wanted = column or report["config"]["data"]["domain_column"]
-        if report["split"] == split and report["domain_column"] == wanted:
-            # True-label reports first: a shuffled-label run may also hold an --as-trained-labels one.
-            true_labels = str(report.get("labels", "true")).startswith("true")
-            found.append((report["step"], true_labels, file.stat().st_mtime, file))
-    if not found:
-        raise FileNotFoundError(f"no {split!r} report under {p / 'eval'}; run `ds-moe-div eval --run-dir {p}` "
-                                f"(with --split {split}) first, or pass a report.json")
-    return max(found)[-1]
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -134,15 +114,15 @@ def csv_text(names: list[str], reports: list[dict]) -> str:
 
 def compare(paths: list, *, names: list[str] | None = None, split: str = "test", column: str | None = None,
             out: Path | None = None) -> tuple[str, Path]:
-    files = [find_report(p, split=split, column=column) for p in paths]
+    files = [rundir.resolve_report(p, split=split, column=column) for p in paths]
     reports = [json.loads(f.read_text()) for f in files]
     names = names or [Path(r["run_dir"]).name for r in reports]
     if len(names) != len(reports):
         raise ValueError(f"{len(names)} names for {len(reports)} runs")
     out = Path(out) if out else Path(os.path.commonpath([Path(p).resolve() for p in paths])) / "comparison"
     text = markdown(names, reports, files)
-    write_text_atomic(out / "comparison.md", text)
-    write_text_atomic(out / "comparison.csv", csv_text(names, reports))
+    fileio.write_text(out / "comparison.md", text)
+    fileio.write_text(out / "comparison.csv", csv_text(names, reports))
     return text, out
 
 

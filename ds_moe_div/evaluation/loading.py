@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ds_moe_div import checkpoint
+from ds_moe_div import checkpoint, rundir
 from ds_moe_div.config import ExperimentConfig
 from ds_moe_div.config_loader import from_dict, to_dict
 from ds_moe_div.data import PreparedData, prepare_data
@@ -50,15 +50,7 @@ class LoadedCheckpoint:
 
     @property
     def run_dir(self) -> Path:
-        return self.tag_dir.parent.parent
-
-
-def read_run_config(tag_dir: Path) -> dict:
-    try:
-        return json.loads((tag_dir / "run_config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise checkpoint.CheckpointError(f"{tag_dir}/run_config.json is missing or corrupt ({e}); evaluate another "
-                                         f"checkpoint tag") from None
+        return rundir.run_dir_of(self.tag_dir)
 
 
 def eval_config(saved: dict, world_size: int) -> ExperimentConfig:
@@ -74,7 +66,7 @@ def default_micro_batch(cfg: ExperimentConfig, run_dir: Path) -> int:
     if cfg.train.micro_batch_size is not None:
         return cfg.train.micro_batch_size
     try:
-        return int(json.loads((run_dir / "ds_config.json").read_text())["train_micro_batch_size_per_gpu"])
+        return int(json.loads(rundir.ds_config_path(run_dir).read_text())["train_micro_batch_size_per_gpu"])
     except (OSError, ValueError, KeyError, TypeError):
         return DEFAULT_MICRO_BATCH
 
@@ -102,12 +94,12 @@ def load_for_eval(path, *, micro_batch_size: int | None = None, show_progress: b
     """Collective: every rank calls it. Initialises torch.distributed if needed."""
     root, tag = checkpoint.resolve_checkpoint(path)
     tag_dir = (root / tag).resolve()
-    run_config = read_run_config(tag_dir)
+    run_config = rundir.read_run_config(tag_dir)
     info = init_distributed()
     set_cpu_threads(info)
     cfg = eval_config(run_config["config"], info.world_size)
-    micro = micro_batch_size or default_micro_batch(cfg, tag_dir.parent.parent)
-    base = launch_dir(cfg, tag_dir.parent.parent)
+    micro = micro_batch_size or default_micro_batch(cfg, rundir.run_dir_of(tag_dir))
+    base = launch_dir(cfg, rundir.run_dir_of(tag_dir))
     with main_rank_first(info), working_dir(base):
         data = prepare_data(cfg.data, show_progress=show_progress and info.is_main)
     vocab = int(run_config["architecture"]["vocab_size"])

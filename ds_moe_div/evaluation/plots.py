@@ -13,11 +13,11 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ds_moe_div import fileio, rundir
 from ds_moe_div.metrics.accumulator import RoutingStats
 from ds_moe_div.metrics.figures import (
     domain_expert_heatmap,
     layers_summary_figure,
-    save_png,
 )
 
 HEATMAP_TITLE = "held-out top-k selection frequency"
@@ -61,7 +61,7 @@ def delta_ppl_figure(delta: dict, domain_names: Sequence[str]):
 
 def save_figures(figures: dict, out_dir: Path) -> list[str]:
     """Write each figure as figures/<name>.png under out_dir; return the paths relative to out_dir."""
-    return [str(save_png(fig, out_dir / "figures" / f"{name}.png").relative_to(out_dir))
+    return [str(fileio.write_figure(fig, rundir.figure_path(out_dir, name), dpi=120).relative_to(out_dir))
             for name, fig in figures.items()]
 
 

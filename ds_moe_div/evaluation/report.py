@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
+
+from ds_moe_div import fileio, rundir
 
 # (tag under routing/, label) of the per-layer specialisation metrics, in table order.
 SPECIALISATION_METRICS = (
@@ -37,21 +38,9 @@ def plain(value):
     return value
 
 
-def write_text_atomic(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
-    out_dir = Path(out_dir)
-    json_path = write_text_atomic(out_dir / "report.json", json.dumps(plain(report), indent=2) + "\n")
-    md_path = write_text_atomic(out_dir / "report.md", render_markdown(report))
+    json_path = fileio.write_json(rundir.report_path(out_dir), plain(report))
+    md_path = fileio.write_text(rundir.report_md_path(out_dir), render_markdown(report))
     return json_path, md_path
 
 

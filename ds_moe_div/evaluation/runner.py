@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ds_moe_div import rundir
 from ds_moe_div.checkpoint import CheckpointError, tokenizer_digest
 from ds_moe_div.config_loader import ConfigError
 from ds_moe_div.data import BatchLoader, DataError
@@ -84,7 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def checkpoint_path(args) -> Path:
     if args.checkpoint is None:
         return Path(args.run_dir)
-    tag_dir = Path(args.run_dir or ".") / "checkpoints" / args.checkpoint
+    tag_dir = rundir.tag_dir(args.run_dir or ".", args.checkpoint)
     return tag_dir if args.run_dir and tag_dir.is_dir() else Path(args.checkpoint)
 
 
@@ -118,7 +119,7 @@ def default_out(loaded: LoadedCheckpoint, split: str, column: str, *, as_trained
     name = loaded.tag_dir.name + ("" if split == "test" else f"-{split}")
     name += "" if column == loaded.cfg.data.domain_column else f"-by-{column}"
     name += "-as-trained" if as_trained and loaded.cfg.data.shuffle_labels_seed is not None else ""
-    return loaded.run_dir / "eval" / name
+    return rundir.eval_dir(loaded.run_dir, name)
 
 
 def evaluate(args) -> dict:
@@ -212,7 +213,7 @@ def _write_outputs(report: dict, stats, out_dir: Path, *, tensorboard: bool) -> 
     report["figures"] = plots.save_figures(figures, out_dir)
     write_report(report, out_dir)
     if tensorboard:
-        monitor = Monitor(out_dir / "tensorboard", enabled=True)
+        monitor = Monitor(rundir.tensorboard_dir(out_dir), enabled=True)
         tb_figures = {f"eval/{report['split']}_delta_ppl" if name == "delta_ppl" else
                       f"routing/{name.replace('heatmap_', 'heatmap/')}": fig for name, fig in figures.items()}
         plots.log_to_tensorboard(monitor, tb_figures, tensorboard_scalars(report), step=report["step"])

@@ -10,9 +10,7 @@ drawn grey and labelled "n/a" instead of looking like "never routed".
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 from matplotlib import colormaps
@@ -122,17 +120,3 @@ def layers_summary_figure(freqs_DE: Sequence, domain_names: Sequence[str], *,
     fig.suptitle(title)
     fig.colorbar(image, ax=axes, label=colorbar_label, fraction=0.04, pad=0.02)
     return fig
-
-
-def save_png(fig: Figure, path: str | os.PathLike, *, dpi: int = 120) -> Path:
-    """Write `fig` as PNG atomically (temporary file in the same directory, then os.replace): a
-    reader never sees a half-written image. Creates the parent directory; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fig.savefig(tmp, format="png", dpi=dpi)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path

@@ -17,14 +17,14 @@ import csv
 import io
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from ds_moe_div import fileio, rundir
 from ds_moe_div.sweep.config import EvalSpec
-from ds_moe_div.sweep.plan import RunSpec, find_report
+from ds_moe_div.sweep.plan import RunSpec
 
 CURVE_TAGS = ("train/lm_loss", "eval/val_lm_loss")
 MAX_DOMAIN_COLUMNS = 12
@@ -94,8 +94,8 @@ def metrics_of(report: dict) -> dict[str, float]:
 def collect(runs: list[RunSpec], spec: EvalSpec) -> list[RunResult]:
     results = []
     for run in runs:
-        result = RunResult(run.variant, run.seed, run.run_dir, curves=read_scalars(run.run_dir / "tensorboard"))
-        report_path = find_report(run.run_dir, run.steps, spec)
+        result = RunResult(run.variant, run.seed, run.run_dir, curves=read_scalars(rundir.tensorboard_dir(run.run_dir)))
+        report_path = rundir.find_report(run.run_dir, split=spec.split, column=spec.domain_column, step=run.steps)
         if report_path is not None:
             result.report, result.report_path = json.loads(report_path.read_text()), report_path
             result.metrics = metrics_of(result.report)
@@ -195,13 +195,6 @@ def _csv(rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_tables(summaries: list[VariantSummary], results: list[RunResult], out_dir: Path, *, title: str,
                  split: str, reference: str | None, figures: list[str] = ()) -> list[Path]:
     """comparison.md, comparison.csv (one row per variant) and runs.csv (one row per evaluated run)."""
@@ -217,8 +210,8 @@ def write_tables(summaries: list[VariantSummary], results: list[RunResult], out_
     per_run = [{"variant": r.variant, "seed": r.seed, "run_dir": str(r.run_dir), **r.metrics}
                for r in results if r.report is not None]
     paths = [out_dir / "comparison.md", out_dir / "comparison.csv", out_dir / "runs.csv"]
-    write_atomic(paths[0], markdown(summaries, results, title=title, split=split, reference=reference,
+    fileio.write_text(paths[0], markdown(summaries, results, title=title, split=split, reference=reference,
                                     figures=figures))
-    write_atomic(paths[1], _csv(rows))
-    write_atomic(paths[2], _csv(per_run))
+    fileio.write_text(paths[1], _csv(rows))
+    fileio.write_text(paths[2], _csv(per_run))
     return paths

@@ -18,10 +18,11 @@ import sys
 import threading
 from pathlib import Path
 
+from ds_moe_div import rundir
 from ds_moe_div.config_loader import ConfigError
 from ds_moe_div.sweep.aggregate import collect, summarise, write_tables
 from ds_moe_div.sweep.config import load_sweep
-from ds_moe_div.sweep.launch import DS_CONFIG_NAME, eval_command, train_command
+from ds_moe_div.sweep.launch import eval_command, train_command
 from ds_moe_div.sweep.plan import Plan, State, build_plan, detect, select
 from ds_moe_div.sweep.plots import plot_all
 
@@ -45,7 +46,7 @@ def print_plan(plan: Plan, runs) -> None:
         status = detect(run, plan.eval)
         print(f"\n{run.key}: {status.state.value} - {status.detail}")
         if status.state in (State.FRESH, State.RESUME):
-            cmd = train_command(plan, run, run.run_dir / DS_CONFIG_NAME, resume=status.state is State.RESUME,
+            cmd = train_command(plan, run, rundir.sweep_ds_config(run.run_dir), resume=status.state is State.RESUME,
                                 gpu=None, port="<free>")
             print("  train: " + shlex.join(cmd))
         if status.state in (State.FRESH, State.RESUME, State.NEEDS_EVAL):

@@ -18,29 +18,19 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+from ds_moe_div import fileio, rundir
 from ds_moe_div.config_loader import apply_overrides
 from ds_moe_div.ds_config import scheduler_has_length
 from ds_moe_div.sweep.config import REPO_ROOT, EvalSpec
 from ds_moe_div.sweep.plan import Plan, RunSpec
 
 TRAIN_SCRIPT = REPO_ROOT / "scripts" / "train.py"
-LOG_NAME = "train.log"
-DS_CONFIG_NAME = "sweep_ds_config.json"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def deepspeed_executable() -> str:
     local = Path(sys.executable).parent / "deepspeed"
     found = str(local) if local.is_file() else shutil.which("deepspeed")
@@ -56,12 +46,7 @@ def write_ds_config(plan: Plan, run: RunSpec) -> Path:
     ds = json.loads(plan.deepspeed_config.read_text())
     if plan.sweep.schedule_follows_steps and scheduler_has_length(ds):
         ds = apply_overrides(ds, [f"scheduler.params.total_num_steps={run.steps}"])
-    path = run.run_dir / DS_CONFIG_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(ds, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return fileio.write_json(rundir.sweep_ds_config(run.run_dir), ds)
 
 
 def train_command(plan: Plan, run: RunSpec, ds_config: Path, *, resume: bool, gpu: str | None,

@@ -14,12 +14,10 @@ steps) -> left alone and reported.
 from __future__ import annotations
 
 import enum
-import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ds_moe_div import checkpoint
+from ds_moe_div import rundir
 from ds_moe_div.config import ExperimentConfig, load_experiment
 from ds_moe_div.config_loader import ConfigError, to_dict
 from ds_moe_div.sweep.config import (
@@ -141,34 +139,6 @@ def select(plan: Plan, only=None) -> list[RunSpec]:
     return [run for run in plan.runs if run.variant in wanted]
 
 
-def checkpoint_step(run_dir: Path) -> int | None:
-    """Step of the latest checkpoint in run_dir, or None when it has none."""
-    root = checkpoint.checkpoint_root(run_dir)
-    tag = checkpoint.latest_tag(root)
-    if tag is None:
-        return None
-    try:
-        return int(json.loads((root / tag / "run_config.json").read_text())["step"])
-    except (OSError, ValueError, KeyError):
-        match = re.fullmatch(r"global_step(\d+)", tag)
-        return int(match.group(1)) if match else None
-
-
-def find_report(run_dir: Path, step: int, spec: EvalSpec) -> Path | None:
-    """The newest <run_dir>/eval/*/report.json written for this checkpoint step, split and label column."""
-    found = []
-    for path in Path(run_dir).glob("eval/*/report.json"):
-        try:
-            report = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if not isinstance(report, dict) or report.get("step") != step or report.get("split") != spec.split:
-            continue
-        if spec.domain_column is None or report.get("domain_column") == spec.domain_column:
-            found.append((path.stat().st_mtime, path))
-    return max(found)[1] if found else None
-
-
 def _flatten(tree, prefix: str = "") -> dict:
     if not isinstance(tree, dict):
         return {prefix: tree}
@@ -189,13 +159,12 @@ def config_differences(run: RunSpec, saved: dict) -> list[str]:
 
 
 def detect(run: RunSpec, eval_spec: EvalSpec) -> RunStatus:
-    step = checkpoint_step(run.run_dir)
+    step = rundir.latest_step(run.run_dir)
     if step is None:
         return RunStatus(State.FRESH, "no checkpoint")
-    root = checkpoint.checkpoint_root(run.run_dir)
     try:
-        saved = json.loads((root / checkpoint.latest_tag(root) / "run_config.json").read_text())["config"]
-    except (OSError, ValueError, KeyError):
+        saved = rundir.read_run_config(rundir.latest_tag_dir(run.run_dir))["config"]
+    except (rundir.CheckpointError, KeyError, TypeError):
         saved = None
     diffs = config_differences(run, saved) if saved is not None else []
     if diffs:
@@ -205,7 +174,7 @@ def detect(run: RunSpec, eval_spec: EvalSpec) -> RunStatus:
         return RunStatus(State.CONFLICT, f"its checkpoint is at step {step} > train.steps={run.steps}", step)
     if step < run.steps:
         return RunStatus(State.RESUME, f"checkpoint at step {step} of {run.steps}", step)
-    report = find_report(run.run_dir, step, eval_spec)
+    report = rundir.find_report(run.run_dir, split=eval_spec.split, column=eval_spec.domain_column, step=step)
     if report is None:
         return RunStatus(State.NEEDS_EVAL, f"trained ({step} steps), no {eval_spec.split} report", step)
     return RunStatus(State.FINISHED, f"trained ({step} steps) and evaluated", step, report)

@@ -10,14 +10,13 @@ absolute}, or a list of paths) of each variant's first evaluated seed, side by s
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ds_moe_div import fileio
 from ds_moe_div.sweep.aggregate import CURVE_TAGS, RunResult, VariantSummary
 
 MAX_HEATMAP_ROWS = 6
@@ -25,15 +24,6 @@ MAX_HEATMAP_ROWS = 6
 
 def _colour(i: int, n: int):
     return colormaps["tab10" if n <= 10 else "tab20"](i % (10 if n <= 10 else 20))
-
-
-def save_figure(fig: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
-    return path
 
 
 def _band(runs: list[RunResult], tag: str):
@@ -65,7 +55,7 @@ def plot_loss_curves(results: list[RunResult], variants, path: Path) -> Path | N
         ax.set(title=f"{tag} (mean, min-max over seeds)", xlabel="step", ylabel="nats/token")
         ax.grid(alpha=0.3)
     fig.axes[0].legend(fontsize=8, ncol=2)
-    return save_figure(fig, path)
+    return fileio.write_figure(fig, path, dpi=110, bbox_inches="tight")
 
 
 def plot_delta_ppl(summaries: list[VariantSummary], path: Path) -> Path | None:
@@ -85,7 +75,7 @@ def plot_delta_ppl(summaries: list[VariantSummary], path: Path) -> Path | None:
     ax.set(title="router-permutation ΔPPL per MoE layer (mean ± std over seeds)", ylabel="PPL permuted - PPL")
     ax.axhline(0, color="black", lw=0.6)
     ax.legend(fontsize=8, ncol=2)
-    return save_figure(fig, path)
+    return fileio.write_figure(fig, path, dpi=110, bbox_inches="tight")
 
 
 def heatmap_images(result: RunResult) -> dict[str, Path]:
@@ -124,7 +114,7 @@ def plot_heatmaps(results: list[RunResult], variants, path: Path) -> Path | None
                 ax.set_title(variant, fontsize=10)
             if col == 0:
                 ax.text(-0.02, 0.5, name, transform=ax.transAxes, rotation=90, ha="right", va="center", fontsize=8)
-    return save_figure(fig, path)
+    return fileio.write_figure(fig, path, dpi=110, bbox_inches="tight")
 
 
 def plot_all(results: list[RunResult], summaries: list[VariantSummary], variants, out_dir: Path) -> list[Path]:

@@ -15,12 +15,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ds_moe_div import rundir
+from ds_moe_div.fileio import free_port
 from ds_moe_div.sweep.launch import (
-    LOG_NAME,
     Processes,
     environment,
     eval_command,
-    free_port,
     train_command,
     write_ds_config,
 )
@@ -28,9 +28,7 @@ from ds_moe_div.sweep.plan import (
     Plan,
     RunSpec,
     State,
-    checkpoint_step,
     detect,
-    find_report,
 )
 
 
@@ -53,9 +51,9 @@ def eval_available() -> bool:
 def _set_aside_stale_logs(run_dir: Path) -> None:
     """A fresh start over the leftovers of an attempt that died before its first checkpoint: keep its
     TensorBoard events, but out of the way of the new curves."""
-    tb = run_dir / "tensorboard"
+    tb = rundir.tensorboard_dir(run_dir)
     if tb.is_dir() and any(tb.iterdir()):
-        tb.rename(run_dir / f"tensorboard.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+        tb.rename(tb.with_name(f"{tb.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}"))
 
 
 def _train(plan: Plan, run: RunSpec, state: State, slot, procs: Processes, on_cpu: bool) -> str | None:
@@ -64,23 +62,25 @@ def _train(plan: Plan, run: RunSpec, state: State, slot, procs: Processes, on_cp
         _set_aside_stale_logs(run.run_dir)
     ds_config = write_ds_config(plan, run)
     cmd = train_command(plan, run, ds_config, resume=state is State.RESUME, gpu=slot, port=free_port())
-    rc = procs.run_logged(cmd, run.run_dir / LOG_NAME, environment(on_cpu=on_cpu, gpu=slot), "train")
-    step = checkpoint_step(run.run_dir)
+    log = rundir.train_log(run.run_dir)
+    rc = procs.run_logged(cmd, log, environment(on_cpu=on_cpu, gpu=slot), "train")
+    step = rundir.latest_step(run.run_dir)
     if rc != 0 or step != run.steps:
-        return f"training failed (exit {rc}, latest checkpoint step {step} of {run.steps}); see {run.run_dir / LOG_NAME}"
+        return f"training failed (exit {rc}, latest checkpoint step {step} of {run.steps}); see {log}"
     return None
 
 
 def _evaluate(plan: Plan, run: RunSpec, slot, procs: Processes, on_cpu: bool) -> str | None:
     env = environment(on_cpu=on_cpu, gpu=slot, for_eval=True)
-    rc = procs.run_logged(eval_command(run, plan.eval), run.run_dir / LOG_NAME, env, "eval")
+    log = rundir.train_log(run.run_dir)
+    rc = procs.run_logged(eval_command(run, plan.eval), log, env, "eval")
     if rc != 0:
         hint = "" if eval_available() else " (this install has no `ds-moe-div eval` command yet)"
-        return (f"evaluation failed (exit {rc}){hint}; see {run.run_dir / LOG_NAME}. The checkpoint is kept: "
+        return (f"evaluation failed (exit {rc}){hint}; see {log}. The checkpoint is kept: "
                 "rerun the sweep to evaluate it")
-    if find_report(run.run_dir, run.steps, plan.eval) is None:
+    if rundir.find_report(run.run_dir, split=plan.eval.split, column=plan.eval.domain_column, step=run.steps) is None:
         return (f"evaluation exited 0 but wrote no {plan.eval.split} report for step {run.steps} under "
-                f"{run.run_dir / 'eval'}")
+                f"{rundir.eval_dir(run.run_dir, '')}")
     return None
 
 
@@ -99,7 +99,7 @@ def process(plan: Plan, run: RunSpec, slot, procs: Processes, on_cpu: bool) -> O
                 return Outcome(run, False, False, error, time.monotonic() - start)
         error = _evaluate(plan, run, slot, procs, on_cpu)
     except OSError as e:
-        return Outcome(run, False, checkpoint_step(run.run_dir) == run.steps, f"{type(e).__name__}: {e}",
+        return Outcome(run, False, rundir.latest_step(run.run_dir) == run.steps, f"{type(e).__name__}: {e}",
                        time.monotonic() - start)
     seconds = time.monotonic() - start
     verb = {State.FRESH: "trained", State.RESUME: "resumed"}.get(status.state, "already trained")

@@ -1,0 +1,190 @@
+"""The run directory: its layout, and every lookup in it. Readers and writers of a run's files go through
+these names and functions; no other module spells a file or folder name of the layout.
+
+    <run_dir>/
+        config.json                      the resolved experiment config (config.resumed_step<N>.json on resume)
+        ds_config.json                   the DeepSpeed config the engine ran with
+        tensorboard/                     training scalars, images, histograms
+        checkpoints/latest               the newest tag's name (DeepSpeed writes it)
+        checkpoints/<tag>/               DeepSpeed's files, run_config.json ({config, architecture, step}),
+                                         tokenizer.json, rng_rank<r>.pt
+        eval/<tag>[-<split>][-by-<column>][-as-trained]/
+                                         report.json, report.md, figures/*.png, tensorboard/
+        train.log, sweep_ds_config.json  written by `sweep`
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+CONFIG = "config.json"
+DS_CONFIG = "ds_config.json"
+TENSORBOARD = "tensorboard"
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+RUN_CONFIG = "run_config.json"
+TOKENIZER = "tokenizer.json"
+EVAL = "eval"
+REPORT = "report.json"
+REPORT_MD = "report.md"
+FIGURES = "figures"
+TRAIN_LOG = "train.log"
+SWEEP_DS_CONFIG = "sweep_ds_config.json"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+# ---- run dir --------------------------------------------------------------------------------------------------
+
+
+def config_path(run_dir, step: int = 0) -> Path:
+    """Where the resolved experiment config is written: config.json, or config.resumed_step<N>.json."""
+    return Path(run_dir) / (CONFIG if step == 0 else f"config.resumed_step{step}.json")
+
+
+def ds_config_path(run_dir) -> Path:
+    return Path(run_dir) / DS_CONFIG
+
+
+def tensorboard_dir(run_dir) -> Path:
+    """The TensorBoard folder of a run dir (or of an eval output dir)."""
+    return Path(run_dir) / TENSORBOARD
+
+
+def train_log(run_dir) -> Path:
+    return Path(run_dir) / TRAIN_LOG
+
+
+def sweep_ds_config(run_dir) -> Path:
+    return Path(run_dir) / SWEEP_DS_CONFIG
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------------------
+
+
+def checkpoint_root(run_dir) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def latest_tag(root) -> str | None:
+    """The tag named by <root>/latest (root: a checkpoints/ dir), or None."""
+    latest = Path(root) / LATEST
+    return latest.read_text().strip() if latest.is_file() else None
+
+
+def latest_tag_dir(run_dir) -> Path | None:
+    root = checkpoint_root(run_dir)
+    tag = latest_tag(root)
+    return None if tag is None else root / tag
+
+
+def tag_dir(run_dir, tag: str) -> Path:
+    return checkpoint_root(run_dir) / tag
+
+
+def run_dir_of(tag_dir) -> Path:
+    """The run dir that holds the checkpoint tag dir `tag_dir`."""
+    return Path(tag_dir).parent.parent
+
+
+def run_config_path(tag_dir) -> Path:
+    return Path(tag_dir) / RUN_CONFIG
+
+
+def tokenizer_path(tag_dir) -> Path:
+    return Path(tag_dir) / TOKENIZER
+
+
+def rng_path(tag_dir, rank: int) -> Path:
+    return Path(tag_dir) / f"rng_rank{rank}.pt"
+
+
+def resolve_checkpoint(path) -> tuple[Path, str]:
+    """Accept a run dir, its checkpoints/ dir, or one tag dir; return (checkpoints root, tag)."""
+    p = Path(path)
+    for root in (checkpoint_root(p), p):
+        tag = latest_tag(root)
+        if tag is not None:
+            return root, tag
+    if run_config_path(p).is_file():
+        return p.parent, p.name
+    raise CheckpointError(f"no checkpoint at {p}: expected a run dir, its {CHECKPOINTS}/ dir (with a '{LATEST}' "
+                          f"file) or a checkpoint tag dir")
+
+
+def read_run_config(tag_dir) -> dict:
+    """A checkpoint's run_config.json: {"config": resolved experiment config, "architecture", "step"}."""
+    path = run_config_path(tag_dir)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is missing or corrupt ({e}); the checkpoint was not written completely: "
+                              f"use another tag") from None
+
+
+def latest_step(run_dir) -> int | None:
+    """Step of the run's latest checkpoint (run_config.json, else the global_step<N> tag), or None."""
+    tag_dir = latest_tag_dir(run_dir)
+    if tag_dir is None:
+        return None
+    try:
+        return int(json.loads(run_config_path(tag_dir).read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        match = re.fullmatch(r"global_step(\d+)", tag_dir.name)
+        return int(match.group(1)) if match else None
+
+
+# ---- evaluation reports ---------------------------------------------------------------------------------------
+
+
+def eval_dir(run_dir, name: str) -> Path:
+    return Path(run_dir) / EVAL / name
+
+
+def report_path(out_dir) -> Path:
+    return Path(out_dir) / REPORT
+
+
+def report_md_path(out_dir) -> Path:
+    return Path(out_dir) / REPORT_MD
+
+
+def figure_path(out_dir, name: str) -> Path:
+    return Path(out_dir) / FIGURES / f"{name}.png"
+
+
+def find_report(run_dir, *, split: str, column: str | None = None, step: int | None = None) -> Path | None:
+    """The report of <run_dir>/eval/*/ for `split` and label `column` (None: the run's own domain_column),
+    at checkpoint `step` (None: the highest step). Among equals, true-label reports win (a shuffled-label
+    run may also hold an --as-trained-labels one), then the newest. Unreadable reports are skipped."""
+    found = []
+    for path in (Path(run_dir) / EVAL).glob(f"*/{REPORT}"):
+        try:
+            report = json.loads(path.read_text())
+            own = report.get("config", {}).get("data", {}).get("domain_column")
+            key = (report["step"], str(report.get("labels", "true")).startswith("true"), path.stat().st_mtime)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+        wanted = column or own  # a report without its config (hand-written) matches any column
+        if report.get("split") != split or (wanted is not None and report.get("domain_column") != wanted):
+            continue
+        if step is None or report["step"] == step:
+            found.append((*key, path))
+    return max(found)[-1] if found else None
+
+
+def resolve_report(path, *, split: str, column: str | None = None) -> Path:
+    """A report.json, an eval output dir, or a run dir (its find_report) -> the report.json path."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if report_path(p).is_file():
+        return report_path(p)
+    found = find_report(p, split=split, column=column)
+    if found is None:
+        raise FileNotFoundError(f"no {split!r} report under {p / EVAL}; run `ds-moe-div eval --run-dir {p}` "
+                                f"(with --split {split}) first, or pass a {REPORT}")
+    return found
