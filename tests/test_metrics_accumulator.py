@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from ds_moe_div import objectives as obj
+from ds_moe_div.metrics import decomposition as dec
 from ds_moe_div.metrics.accumulator import RoutingAccumulator
 from ds_moe_div.routing import RoutingRecord
 
@@ -85,14 +85,14 @@ def test_counts_match_token_loop_and_padding_is_excluded():
     assert torch.equal(stats.select_LDE.sum(-1), K * tokens.expand(NUM_LAYERS, -1))
 
 
-def test_window_decomposition_equals_objectives_helper_on_the_windows_units():
+def test_window_decomposition_equals_the_unit_decomposition_on_the_windows_units():
     window = random_window(1, [(4, 9), (3, 6), (2, 11)])
     per_layer = accumulate(window).local_stats().per_layer()
     for layer in range(NUM_LAYERS):
-        units = [obj.domain_sequence_means(probs_TE=records[layer].probs_TE.to(DT), domain_ids_BS=ids_BS)
+        units = [dec.domain_sequence_means(probs_TE=records[layer].probs_TE.to(DT), domain_ids_BS=ids_BS)
                  for records, ids_BS in window]
         means, domains, weights = (torch.cat(parts) for parts in zip(*units))
-        expected = obj.divergence_decomposition(seq_means_NE=means, seq_domains_N=domains, seq_weights_N=weights)
+        expected = dec.divergence_decomposition(seq_means_NE=means, seq_domains_N=domains, seq_weights_N=weights)
         got = [per_layer[name][layer] for name in ("d_total", "d_inter", "d_intra")]
         for g, e in zip(got, expected):
             assert float(g) == pytest.approx(float(e), rel=1e-9, abs=1e-12)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ds_moe_div import objectives as obj
+from ds_moe_div.metrics.decomposition import divergence_decomposition
 
 _NAN = float("nan")
 
@@ -85,9 +85,9 @@ def domain_routing_entropy_D(*, select_DE: Tensor) -> Tensor:
 
 def _generalized_jsd(rows_NDE: Tensor, weights_ND: Tensor) -> Tensor:
     """sum_d w_d KL(rows_d || sum_d' w_d' rows_d') per leading index (w normalised), via the
-    objectives' Proposition-1 helper with each row as its own domain (so D_total = D_inter)."""
+    Proposition-1 helper (`decomposition.divergence_decomposition`) with each row as its own domain (so D_total = D_inter)."""
     domains_D = torch.arange(rows_NDE.shape[-2], device=rows_NDE.device)
-    out = [obj.divergence_decomposition(seq_means_NE=rows, seq_domains_N=domains_D, seq_weights_N=w)[0]
+    out = [divergence_decomposition(seq_means_NE=rows, seq_domains_N=domains_D, seq_weights_N=w)[0]
            for rows, w in zip(rows_NDE, weights_ND)]
     return torch.stack(out) if out else rows_NDE.new_zeros(0)
 
@@ -134,7 +134,7 @@ def window_divergence_decomposition(*, prob_sum_DE: Tensor, tokens_D: Tensor,
         D_inter = sum_d W_d KL(q_d || P)                 (= I(D; E) of the dense router distribution)
         D_intra = sum_d W_d H(q_d) - (1/N) sum_d unit_entropy_sum_d
         D_total = D_inter + D_intra = H(P) - sum_s w_s H(pbar_s)
-    Equals `objectives.divergence_decomposition(seq_weights_N=token counts)` on the window's units.
+    Equals `decomposition.divergence_decomposition(seq_weights_N=token counts)` on the window's units.
     Returns (D_total, D_inter, D_intra), NaN for an empty window.
     """
     lead = prob_sum_DE.shape[:-2]

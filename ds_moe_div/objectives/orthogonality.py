@@ -1,0 +1,81 @@
+"""Orthogonality loss L_o (methods spec, section 3; Guo et al. 2025).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from ds_moe_div.tensor_ops import at_least_fp32, nonzero_or_one, num_valid
+
+
+def _pairwise_orthogonality_T(y_TKD: Tensor, alive_TK: Tensor, eps: float) -> Tensor:
+    """Per token sum over ordered pairs j != k of || <y_j, y_k> / (<y_k, y_k> + eps) * y_k ||^2."""
+    # Broadcast-multiply-sum, not bmm: a batch of T tiny K x K products is ~4x slower on CPU.
+    gram_TKK = (y_TKD[:, :, None, :] * y_TKD[:, None, :, :]).sum(-1)
+    sq_TK = gram_TKK.diagonal(dim1=1, dim2=2)
+    term_TKK = (gram_TKK / (sq_TK[:, None, :] + eps)).square() * sq_TK[:, None, :]
+    num_slots = alive_TK.shape[1]
+    off_diag = ~torch.eye(num_slots, dtype=torch.bool, device=alive_TK.device)
+    pair_TKK = alive_TK[:, :, None] & alive_TK[:, None, :] & off_diag
+    return torch.where(pair_TKK, term_TKK, torch.zeros_like(term_TKK)).sum((1, 2))
+
+
+def _orthonormal_basis(vectors: list[Tensor], eps: float) -> list[Tensor]:
+    """Gram-Schmidt (two passes) per token over [T, D] vectors; a vector whose residual keeps less
+    than eps of its squared norm (collinear or zero) contributes a zero basis vector."""
+    basis: list[Tensor] = []
+    for v in vectors:
+        r = v
+        for _ in range(2):  # re-orthogonalising once restores orthogonality lost to rounding
+            for b in basis:
+                r = r - (r * b).sum(-1, keepdim=True) * b
+        sq = (r * r).sum(-1, keepdim=True)
+        new = sq > eps * (v * v).sum(-1, keepdim=True)
+        basis.append(torch.where(new, r / torch.where(new, sq, torch.ones_like(sq)).sqrt(), torch.zeros_like(r)))
+    return basis
+
+
+def _span_orthogonality_T(y_TKD: Tensor, eps: float) -> Tensor:
+    """Per token sum over slots j of ||projection of y_j onto span{y_k : k != j}||^2 (absent slots are 0)."""
+    num_slots = y_TKD.shape[1]
+    total_T = y_TKD.new_zeros(y_TKD.shape[0])
+    for j in range(num_slots):
+        others = [y_TKD[:, k] for k in range(num_slots) if k != j]
+        for b in _orthonormal_basis(others, eps):
+            total_T = total_T + (y_TKD[:, j] * b).sum(-1).square()
+    return total_T
+
+
+def orthogonality_loss(*, outputs_TKD: Tensor, kept_TK: Tensor, mask_T: Tensor | None = None,
+                       form: Literal["pairwise", "span"] = "pairwise", eps: float = 1e-6,
+                       reduction: Literal["mean", "sum"] = "mean") -> Tensor:
+    """Orthogonality loss L_o of one layer on the micro-batch (Guo et al. 2025; spec section 3).
+
+    outputs_TKD: each token's selected experts' outputs, NOT multiplied by the gate weight, in
+    token-major order (token t's k slots in row t). kept_TK: False where the capacity limit dropped
+    the slot (treated as absent). mask_T: False for padding tokens. K_t = surviving slots of token t.
+      pairwise (Eq. 5): sum_t sum_{j in K_t} sum_{k in K_t, k != j} || <y_j,y_k>/(<y_k,y_k>+eps) y_k ||^2
+                        (-> |y_j|^2 cos^2(y_j, y_k) per ordered pair as eps -> 0);
+                        mean divides by T = number of valid tokens.
+      span:             sum_t sum_{j in K_t} || proj of y_j onto span{y_k : k in K_t, k != j} ||^2;
+                        mean divides by K*T. eps is the relative residual below which an "other"
+                        output adds no direction (collinear or zero outputs are stable).
+    Only tokens with >= 2 surviving slots contribute. For K = 2 both sums agree (eps -> 0), so the
+    pairwise mean is K = 2 times the span mean.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    y_TKD = at_least_fp32(outputs_TKD)
+    alive_TK = kept_TK if mask_T is None else kept_TK & mask_T[:, None]
+    y_TKD = torch.where(alive_TK[..., None], y_TKD, torch.zeros_like(y_TKD))
+    if form == "pairwise":
+        total, per_token_slots = _pairwise_orthogonality_T(y_TKD, alive_TK, eps).sum(), 1
+    elif form == "span":
+        total, per_token_slots = _span_orthogonality_T(y_TKD, eps).sum(), y_TKD.shape[1]
+    else:
+        raise ValueError(f"form must be 'pairwise' or 'span', got {form!r}")
+    if reduction == "sum":
+        return total
+    return total / (per_token_slots * nonzero_or_one(num_valid(y_TKD[:, 0, 0], mask_T)))
