@@ -1,14 +1,18 @@
 """Compose the training objective: `loss = lm + sum(coef * term)`, each term reduced over MoE layers.
 
 The composer turns a `ModelOutput` and the batch's domain ids into a `LossBreakdown` (total, each term
-unscaled and scaled, per-layer values). A coefficient of 0 skips its term's computation entirely; a
-nonzero divergence coefficient without domain ids is an error. `auto` coefficients (Guo et al.'s
+unscaled and scaled, per-layer values, per-term extras). Terms are the rows of `OBJECTIVES`, one per
+section of `ObjectivesConfig` and under the same name (`balance`, `z_loss`, `divergence`,
+`orthogonality`, `variance`; TensorBoard tags `moe/<name>...`): the loss function, the inputs it reads,
+the batch its statistics cover. A coefficient of 0 skips its term's computation entirely; a nonzero
+coefficient whose inputs the batch lacks (domain ids) is an error. `auto` coefficients (Guo et al.'s
 released code) are calibrated once, on the first batch, to the power of ten that puts the scaled term
 near its target; the calibrated values are part of the composer's state (saved in checkpoints).
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -17,8 +21,7 @@ import torch.distributed as dist
 from ds_moe_div import objectives as obj
 from ds_moe_div.config import ObjectivesConfig
 from ds_moe_div.model import ModelOutput
-
-TERMS = ("l_aux", "z_loss", "divergence", "orthogonality", "variance")
+from ds_moe_div.routing import RoutingRecord
 
 
 @dataclass
@@ -29,7 +32,81 @@ class LossBreakdown:
     scaled: dict[str, torch.Tensor] = field(default_factory=dict)  # coef * unscaled
     per_layer: dict[str, torch.Tensor] = field(default_factory=dict)  # [L] unscaled values
     coefs: dict[str, float] = field(default_factory=dict)
-    divergence_domains_present: torch.Tensor | None = None  # 0-d, read at logging time (no sync here)
+    # {term: {name: 0-d tensor}}: diagnostics a term reports besides its value, read at logging time
+    # (no host sync here), logged as moe/<term>_<name>.
+    extras: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TermInputs:
+    """What a term's loss may read: this micro-batch's routing records, labels and the process groups."""
+    records: tuple[RoutingRecord, ...]
+    domain_ids_BS: torch.Tensor | None
+    mask_T: torch.Tensor | None  # True for labelled (non-padding) tokens; None: all
+    num_domains: int
+    divergence_group: object = None
+    world_group: object = None
+
+    def stacked(self, name: str) -> torch.Tensor:
+        """Field `name` of every layer's record, stacked on a leading L dim."""
+        return torch.stack([getattr(r, name) for r in self.records])
+
+
+# A term's loss: (its config section, inputs) -> per-layer values [L] and its extras.
+LossFn = Callable[[object, TermInputs], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    loss: LossFn
+    inputs: tuple[str, ...]  # RoutingRecord fields and batch inputs ("domain_ids_BS") it reads
+    scope: str  # the batch its statistics cover; "config: ..." when the section's `scope` chooses
+
+
+def _balance(c, x: TermInputs):
+    if c.scope == "micro_batch":  # DeepSpeed's own l_aux, as its gate returned it
+        return x.stacked("l_aux"), {}
+    return obj.global_load_balance_loss(probs_LTE=x.stacked("probs_TE"), indices_LTK=x.stacked("indices_TK"),
+                                        mask_T=x.mask_T, group=x.world_group), {}
+
+
+def _z_loss(c, x: TermInputs):
+    return torch.stack([obj.router_z_loss(logits_TE=r.logits_TE, mask_T=x.mask_T) for r in x.records]), {}
+
+
+def _divergence(c, x: TermInputs):
+    sums_LDE, counts_D = obj.domain_routing_sums(probs_LTE=x.stacked("probs_TE"), domain_ids_BS=x.domain_ids_BS,
+                                                 num_domains=x.num_domains, average=c.average)
+    q_LDE, counts_D = obj.global_domain_means(sums_LDE=sums_LDE, counts_D=counts_D, group=x.divergence_group)
+    loss_L, _, present = obj.expert_divergence_loss(q_LDE=q_LDE, counts_D=counts_D, form=c.form, eps=c.eps)
+    return loss_L, {"domains_present": present}
+
+
+def _orthogonality(c, x: TermInputs):
+    return torch.stack([obj.orthogonality_loss(outputs_TKM=r.expert_outputs_TKM, kept_TK=r.kept_TK, mask_T=x.mask_T,
+                                               form=c.form, eps=c.eps, reduction=c.reduction)
+                        for r in x.records]), {}
+
+
+def _variance(c, x: TermInputs):
+    return torch.stack([
+        obj.variance_loss(scores_TE=obj.topk_score_matrix(indices_TK=r.indices_TK, weights_TK=r.weights_TK,
+                                                          kept_TK=r.kept_TK, num_experts=r.num_experts),
+                          probs_TE=r.probs_TE, mask_T=x.mask_T, form=c.form, reduction=c.reduction)
+        for r in x.records]), {}
+
+
+# Name -> spec, in logging order. Each name is a section of ObjectivesConfig.
+OBJECTIVES: dict[str, ObjectiveSpec] = {
+    "balance": ObjectiveSpec(_balance, ("l_aux", "probs_TE", "indices_TK"),
+                             "config: micro_batch (DeepSpeed's l_aux) or global_batch (one all-reduce)"),
+    "z_loss": ObjectiveSpec(_z_loss, ("logits_TE",), "micro_batch"),
+    "divergence": ObjectiveSpec(_divergence, ("probs_TE", "domain_ids_BS"),
+                                "config: global, expert_parallel or micro_batch domain means"),
+    "orthogonality": ObjectiveSpec(_orthogonality, ("expert_outputs_TKM", "kept_TK"), "micro_batch"),
+    "variance": ObjectiveSpec(_variance, ("indices_TK", "weights_TK", "kept_TK", "probs_TE"), "micro_batch"),
+}
+TERMS = tuple(OBJECTIVES)
 
 
 class ObjectiveComposer:
@@ -43,33 +120,38 @@ class ObjectiveComposer:
         self.world_group = world_group
         self.calibrated: dict[str, float] = {}
 
+    def active(self) -> list[str]:
+        """The terms whose coefficient is nonzero (their computation runs), in logging order."""
+        return [name for name in TERMS if self._base_coef(name) != 0.0]
+
     @property
     def needs_expert_outputs(self) -> bool:
-        return self._base_coef("orthogonality") != 0.0
-
-    def _term_cfg(self, name: str):
-        return {"l_aux": self.cfg.balance, "z_loss": self.cfg.z_loss, "divergence": self.cfg.divergence,
-                "orthogonality": self.cfg.orthogonality, "variance": self.cfg.variance}[name]
+        return any("expert_outputs_TKM" in OBJECTIVES[name].inputs for name in self.active())
 
     def _base_coef(self, name: str) -> float:
-        coef = self._term_cfg(name).coef
+        coef = getattr(self.cfg, name).coef
         if coef == "auto":
             return self.calibrated.get(name, math.nan)  # nan: not calibrated yet, but active
         return float(coef)
 
     def coefficient(self, name: str, step: int) -> float:
         """Coefficient at optimizer step `step` (0-based), with its linear warm-up."""
-        warmup = self._term_cfg(name).warmup_steps
+        warmup = getattr(self.cfg, name).warmup_steps
         ramp = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
         return self._base_coef(name) * ramp
 
     def __call__(self, out: ModelOutput, *, domain_ids_BS: torch.Tensor | None, step: int) -> LossBreakdown:
         mask_T = None if domain_ids_BS is None else (domain_ids_BS.flatten() >= 0)
+        inputs = TermInputs(records=tuple(out.routing), domain_ids_BS=domain_ids_BS, mask_T=mask_T,
+                            num_domains=self.num_domains, divergence_group=self.divergence_group,
+                            world_group=self.world_group)
         result = LossBreakdown(total=out.lm_loss, lm=out.lm_loss)
-        for name in TERMS:
-            if self._base_coef(name) == 0.0:
-                continue
-            per_layer = self._per_layer(name, out, domain_ids_BS, mask_T, result)
+        for name in self.active():
+            spec = OBJECTIVES[name]
+            if "domain_ids_BS" in spec.inputs and domain_ids_BS is None:
+                raise ValueError(f"objectives.{name}.coef is nonzero but the batch has no domain_ids: the {name} "
+                                 f"loss needs a domain label per token (set data.domain_column) or set its coef to 0")
+            per_layer, extras = spec.loss(getattr(self.cfg, name), inputs)
             value = per_layer.mean() if self.cfg.layer_reduction == "mean" else per_layer.sum()
             if math.isnan(self._base_coef(name)):
                 self._calibrate(name, value)
@@ -78,45 +160,10 @@ class ObjectiveComposer:
             result.unscaled[name] = value
             result.scaled[name] = coef * value
             result.coefs[name] = coef
+            if extras:
+                result.extras[name] = extras
             result.total = result.total + coef * value
         return result
-
-    def _per_layer(self, name, out, domain_ids_BS, mask_T, result) -> torch.Tensor:
-        records = out.routing
-        if name == "l_aux":
-            if self.cfg.balance.scope == "micro_batch":
-                return torch.stack([r.l_aux for r in records])
-            return obj.global_load_balance_loss(probs_LTE=torch.stack([r.probs_TE for r in records]),
-                                                indices_LTK=torch.stack([r.indices_TK for r in records]),
-                                                mask_T=mask_T, group=self.world_group)
-        if name == "z_loss":
-            return torch.stack([obj.router_z_loss(logits_TE=r.logits_TE, mask_T=mask_T) for r in records])
-        if name == "divergence":
-            return self._divergence(records, domain_ids_BS, result)
-        if name == "orthogonality":
-            c = self.cfg.orthogonality
-            return torch.stack([obj.orthogonality_loss(outputs_TKD=r.expert_outputs_TKM, kept_TK=r.kept_TK,
-                                                       mask_T=mask_T, form=c.form, eps=c.eps, reduction=c.reduction)
-                                for r in records])
-        c = self.cfg.variance
-        return torch.stack([
-            obj.variance_loss(scores_TE=obj.topk_score_matrix(indices_TK=r.indices_TK, weights_TK=r.weights_TK,
-                                                              kept_TK=r.kept_TK, num_experts=r.num_experts),
-                              probs_TE=r.probs_TE, mask_T=mask_T, form=c.form, reduction=c.reduction)
-            for r in records])
-
-    def _divergence(self, records, domain_ids_BS, result) -> torch.Tensor:
-        if domain_ids_BS is None:
-            raise ValueError("objectives.divergence.coef is nonzero but the batch has no domain_ids: the divergence "
-                             "loss needs a domain label per token (set data.domain_column) or set its coef to 0")
-        c = self.cfg.divergence
-        sums_LDE, counts_D = obj.domain_routing_sums(probs_LTE=torch.stack([r.probs_TE for r in records]),
-                                                     domain_ids_BS=domain_ids_BS, num_domains=self.num_domains,
-                                                     average=c.average)
-        q_LDE, counts_D = obj.global_domain_means(sums_LDE=sums_LDE, counts_D=counts_D, group=self.divergence_group)
-        loss_L, _, present = obj.expert_divergence_loss(q_LDE=q_LDE, counts_D=counts_D, form=c.form, eps=c.eps)
-        result.divergence_domains_present = present
-        return loss_L
 
     def _calibrate(self, name: str, value: torch.Tensor) -> None:
         """Pick the power of ten that brings |coef * value| near the term's target, agreed across ranks."""
@@ -124,7 +171,7 @@ class ObjectiveComposer:
         if self.world_group is not None and dist.is_initialized():
             dist.all_reduce(magnitude, group=self.world_group)
             magnitude /= dist.get_world_size(self.world_group)
-        target = self._term_cfg(name).auto_target
+        target = getattr(self.cfg, name).auto_target
         m = float(magnitude)
         self.calibrated[name] = 0.0 if m == 0.0 else 10.0 ** round(math.log10(target / m))
 

@@ -63,8 +63,8 @@ class LogWindow:
             scalars["train/grad_norm"] = float(grad_norm)
         for name, coef in self.last.coefs.items():
             scalars[f"moe/{name}_coef"] = coef
-        if self.last.divergence_domains_present is not None:
-            scalars["moe/divergence_domains_present"] = float(self.last.divergence_domains_present)
+        for name, extras in self.last.extras.items():
+            scalars.update({f"moe/{name}_{key}": float(value) for key, value in extras.items()})
         routing_stats = self.routing.reduce() if self.routing is not None else None
         if routing_stats is not None:
             scalars.update(routing_stats.scalars(self.domain_names))

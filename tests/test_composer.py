@@ -42,9 +42,9 @@ def test_total_is_lm_plus_sum_of_scaled_terms_averaged_over_layers():
     res = ObjectiveComposer(cfg, num_domains=3)(out, domain_ids_BS=DOMAINS, step=0)
     expected = out.lm_loss + sum(res.coefs[n] * res.per_layer[n].mean() for n in res.per_layer)
     torch.testing.assert_close(res.total, expected)
-    assert set(res.unscaled) == {"l_aux", "z_loss", "divergence", "orthogonality", "variance"}
-    torch.testing.assert_close(res.per_layer["l_aux"], torch.stack([r.l_aux for r in out.routing]))
-    assert res.divergence_domains_present == 3
+    assert set(res.unscaled) == {"balance", "z_loss", "divergence", "orthogonality", "variance"}
+    torch.testing.assert_close(res.per_layer["balance"], torch.stack([r.l_aux for r in out.routing]))
+    assert res.extras == {"divergence": {"domains_present": 3}}
 
 
 def test_global_batch_balance_counts_valid_tokens_of_all_slots():
@@ -54,14 +54,14 @@ def test_global_batch_balance_counts_valid_tokens_of_all_slots():
     expected = objectives.global_load_balance_loss(probs_LTE=torch.stack([r.probs_TE for r in out.routing]),
                                                    indices_LTK=torch.stack([r.indices_TK for r in out.routing]),
                                                    mask_T=DOMAINS.flatten() >= 0)
-    torch.testing.assert_close(res.per_layer["l_aux"], expected)
-    assert not torch.allclose(res.per_layer["l_aux"], torch.stack([r.l_aux for r in out.routing]))
+    torch.testing.assert_close(res.per_layer["balance"], expected)
+    assert not torch.allclose(res.per_layer["balance"], torch.stack([r.l_aux for r in out.routing]))
 
 
 def test_layer_reduction_sum():
     cfg = objectives_cfg(layer_reduction="sum")
     res = ObjectiveComposer(cfg, num_domains=3)(output(), domain_ids_BS=DOMAINS, step=0)
-    torch.testing.assert_close(res.unscaled["l_aux"], res.per_layer["l_aux"].sum())
+    torch.testing.assert_close(res.unscaled["balance"], res.per_layer["balance"].sum())
 
 
 def test_zero_coefficient_skips_the_computation():
@@ -108,4 +108,17 @@ def test_auto_coefficient_calibrates_once_to_a_power_of_ten():
 def test_config_default_is_lm_plus_balance_only():
     cfg = ObjectivesConfig()
     res = ObjectiveComposer(cfg, num_domains=1)(output(), domain_ids_BS=DOMAINS, step=0)
-    assert list(res.unscaled) == ["l_aux"]
+    assert list(res.unscaled) == ["balance"]
+
+
+def test_every_term_is_a_config_section_and_reads_record_fields():
+    import dataclasses
+
+    from ds_moe_div.composer import OBJECTIVES, TERMS
+
+    sections = {f.name for f in dataclasses.fields(ObjectivesConfig)} - {"layer_reduction"}
+    assert set(TERMS) == sections and TERMS[0] == "balance"
+    record_fields = {f.name for f in dataclasses.fields(RoutingRecord)}
+    for name, spec in OBJECTIVES.items():
+        assert set(spec.inputs) <= record_fields | {"domain_ids_BS"}, name
+

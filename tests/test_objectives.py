@@ -135,40 +135,40 @@ def naive_ed(q_LDE, counts_D, form, eps):
     return torch.stack(losses), torch.stack(jsds)
 
 
-def naive_orth_pairwise(y_TKD, kept_TK, mask_T, eps, reduction):
-    total, valid = y_TKD.new_zeros(()), 0
-    for t in range(y_TKD.shape[0]):
+def naive_orth_pairwise(y_TKM, kept_TK, mask_T, eps, reduction):
+    total, valid = y_TKM.new_zeros(()), 0
+    for t in range(y_TKM.shape[0]):
         if mask_T is not None and not mask_T[t]:
             continue
         valid += 1
-        alive = [k for k in range(y_TKD.shape[1]) if kept_TK[t, k]]
+        alive = [k for k in range(y_TKM.shape[1]) if kept_TK[t, k]]
         for j in alive:
             for k in alive:
                 if j != k:
-                    yj, yk = y_TKD[t, j], y_TKD[t, k]
+                    yj, yk = y_TKM[t, j], y_TKM[t, k]
                     total = total + (((yj @ yk) / (yk @ yk + eps)) * yk).square().sum()
     return total if reduction == "sum" else total / max(valid, 1)
 
 
-def naive_orth_span(y_TKD, kept_TK, mask_T, reduction, *, pinv: bool = False):
+def naive_orth_span(y_TKM, kept_TK, mask_T, reduction, *, pinv: bool = False):
     """Projection onto span of the other surviving slots: G^{-1} (generic inputs) or pinv (degenerate)."""
-    total, valid = y_TKD.new_zeros(()), 0
-    num_slots = y_TKD.shape[1]
-    for t in range(y_TKD.shape[0]):
+    total, valid = y_TKM.new_zeros(()), 0
+    num_slots = y_TKM.shape[1]
+    for t in range(y_TKM.shape[0]):
         if mask_T is not None and not mask_T[t]:
             continue
         valid += 1
         alive = [k for k in range(num_slots) if kept_TK[t, k]]
         for j in alive:
-            others = [y_TKD[t, k] for k in alive if k != j]
+            others = [y_TKM[t, k] for k in alive if k != j]
             if not others:
                 continue
             a = torch.stack(others)
             if pinv:
-                proj = torch.linalg.pinv(a, rtol=1e-10) @ (a @ y_TKD[t, j])
+                proj = torch.linalg.pinv(a, rtol=1e-10) @ (a @ y_TKM[t, j])
                 total = total + proj.square().sum()
             else:
-                g = a @ y_TKD[t, j]
+                g = a @ y_TKM[t, j]
                 total = total + g @ torch.linalg.solve(a @ a.T, g)
     return total if reduction == "sum" else total / (num_slots * max(valid, 1))
 
@@ -388,20 +388,20 @@ def _slots(T=11, K=3, M=5, seed=20):
 def test_orthogonality_pairwise_matches_naive(reduction, use_mask):
     y, kept, mask = _slots()
     mask = mask if use_mask else None
-    _compare(lambda x: obj.orthogonality_loss(outputs_TKD=x, kept_TK=kept, mask_T=mask, reduction=reduction),
+    _compare(lambda x: obj.orthogonality_loss(outputs_TKM=x, kept_TK=kept, mask_T=mask, reduction=reduction),
              lambda x: naive_orth_pairwise(x, kept, mask, 1e-6, reduction), [y])
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_orthogonality_span_matches_naive(reduction):
     y, kept, mask = _slots(K=4, seed=30)
-    _compare(lambda x: obj.orthogonality_loss(outputs_TKD=x, kept_TK=kept, mask_T=mask, form="span", reduction=reduction),
+    _compare(lambda x: obj.orthogonality_loss(outputs_TKM=x, kept_TK=kept, mask_T=mask, form="span", reduction=reduction),
              lambda x: naive_orth_span(x, kept, mask, reduction), [y], rtol=1e-9, atol=1e-11)
 
 
 def test_orthogonality_span_gradcheck():
     y, kept, mask = _slots(T=4, K=3, M=4, seed=31)
-    torch.autograd.gradcheck(lambda x: obj.orthogonality_loss(outputs_TKD=x, kept_TK=kept, mask_T=mask, form="span"),
+    torch.autograd.gradcheck(lambda x: obj.orthogonality_loss(outputs_TKM=x, kept_TK=kept, mask_T=mask, form="span"),
                              (y.requires_grad_(True),))
 
 
@@ -416,13 +416,13 @@ def test_orthogonality_pairwise_is_cos_squared_as_eps_vanishes():
                     cos = (y[t, j] @ y[t, k]) / (y[t, j].norm() * y[t, k].norm())
                     ref = ref + y[t, j].square().sum() * cos ** 2
     for eps, rtol in [(0.0, 1e-12), (1e-6, 1e-5)]:
-        got = obj.orthogonality_loss(outputs_TKD=y, kept_TK=kept, eps=eps, reduction="sum")
+        got = obj.orthogonality_loss(outputs_TKM=y, kept_TK=kept, eps=eps, reduction="sum")
         torch.testing.assert_close(got, ref, rtol=rtol, atol=0)
 
 
 def test_orthogonality_k2_pairwise_equals_span():
     y, kept, mask = _slots(K=2, seed=50)
-    kwargs = {"outputs_TKD": y, "kept_TK": kept, "mask_T": mask}
+    kwargs = {"outputs_TKM": y, "kept_TK": kept, "mask_T": mask}
     pair_sum = obj.orthogonality_loss(**kwargs, eps=0.0, reduction="sum")
     span_sum = obj.orthogonality_loss(**kwargs, form="span", reduction="sum")
     torch.testing.assert_close(pair_sum, span_sum, rtol=1e-12, atol=0)
@@ -437,11 +437,11 @@ def test_orthogonality_span_stable_for_collinear_and_zero_outputs():
                      torch.zeros(3, 6, dtype=DT)])                        # all zero
     kept = torch.ones(3, 3, dtype=torch.bool)
     leaf = y.clone().requires_grad_(True)
-    got = obj.orthogonality_loss(outputs_TKD=leaf, kept_TK=kept, form="span", reduction="sum")
+    got = obj.orthogonality_loss(outputs_TKM=leaf, kept_TK=kept, form="span", reduction="sum")
     ref = naive_orth_span(y, kept, None, "sum", pinv=True)
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
     _grads_finite(got, leaf)
-    _grads_finite(obj.orthogonality_loss(outputs_TKD=leaf, kept_TK=kept, reduction="sum"), leaf)
+    _grads_finite(obj.orthogonality_loss(outputs_TKM=leaf, kept_TK=kept, reduction="sum"), leaf)
 
 
 @pytest.mark.parametrize("form", ["pairwise", "span"])
@@ -450,7 +450,7 @@ def test_orthogonality_uses_token_order(form):
     kept[:] = True
 
     def loss(x, k=kept):
-        return obj.orthogonality_loss(outputs_TKD=x, kept_TK=k, form=form, reduction="sum")
+        return obj.orthogonality_loss(outputs_TKM=x, kept_TK=k, form=form, reduction="sum")
 
     per_token = torch.stack([loss(y[t:t + 1], kept[t:t + 1]) for t in range(8)])
     torch.testing.assert_close(loss(y), per_token.sum(), rtol=1e-12, atol=0)
@@ -470,12 +470,12 @@ def test_orthogonality_ignores_dropped_slots_and_padding():
     garbage[~kept] = 1e3
     garbage[~mask] = -7.0
     for form in ("pairwise", "span"):
-        a = obj.orthogonality_loss(outputs_TKD=y, kept_TK=kept, mask_T=mask, form=form)
-        b = obj.orthogonality_loss(outputs_TKD=garbage, kept_TK=kept, mask_T=mask, form=form)
+        a = obj.orthogonality_loss(outputs_TKM=y, kept_TK=kept, mask_T=mask, form=form)
+        b = obj.orthogonality_loss(outputs_TKM=garbage, kept_TK=kept, mask_T=mask, form=form)
         torch.testing.assert_close(a, b, rtol=1e-14, atol=0)
     one_slot = torch.zeros_like(kept)
     one_slot[:, 0] = True
-    assert obj.orthogonality_loss(outputs_TKD=y, kept_TK=one_slot).item() == 0.0
+    assert obj.orthogonality_loss(outputs_TKM=y, kept_TK=one_slot).item() == 0.0
 
 
 # --------------------------------------------------------------------------- variance

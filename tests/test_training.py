@@ -19,7 +19,7 @@ from tests.dist_utils import run_command, run_on_ranks
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "ds_configs" / "experiments" / "smoke.json"
 DS_ZERO2 = ROOT / "ds_configs" / "ds_zero2_cpu.json"
-TERMS = ("l_aux", "z_loss", "divergence", "orthogonality", "variance")
+TERMS = ("balance", "z_loss", "divergence", "orthogonality", "variance")
 
 pytestmark = pytest.mark.slow
 

@@ -10,10 +10,10 @@ from torch import Tensor
 from ds_moe_div.tensor_ops import at_least_fp32, nonzero_or_one, num_valid
 
 
-def _pairwise_orthogonality_T(y_TKD: Tensor, alive_TK: Tensor, eps: float) -> Tensor:
+def _pairwise_orthogonality_T(y_TKM: Tensor, alive_TK: Tensor, eps: float) -> Tensor:
     """Per token sum over ordered pairs j != k of || <y_j, y_k> / (<y_k, y_k> + eps) * y_k ||^2."""
     # Broadcast-multiply-sum, not bmm: a batch of T tiny K x K products is ~4x slower on CPU.
-    gram_TKK = (y_TKD[:, :, None, :] * y_TKD[:, None, :, :]).sum(-1)
+    gram_TKK = (y_TKM[:, :, None, :] * y_TKM[:, None, :, :]).sum(-1)
     sq_TK = gram_TKK.diagonal(dim1=1, dim2=2)
     term_TKK = (gram_TKK / (sq_TK[:, None, :] + eps)).square() * sq_TK[:, None, :]
     num_slots = alive_TK.shape[1]
@@ -23,7 +23,7 @@ def _pairwise_orthogonality_T(y_TKD: Tensor, alive_TK: Tensor, eps: float) -> Te
 
 
 def _orthonormal_basis(vectors: list[Tensor], eps: float) -> list[Tensor]:
-    """Gram-Schmidt (two passes) per token over [T, D] vectors; a vector whose residual keeps less
+    """Gram-Schmidt (two passes) per token over [T, M] vectors; a vector whose residual keeps less
     than eps of its squared norm (collinear or zero) contributes a zero basis vector."""
     basis: list[Tensor] = []
     for v in vectors:
@@ -37,23 +37,23 @@ def _orthonormal_basis(vectors: list[Tensor], eps: float) -> list[Tensor]:
     return basis
 
 
-def _span_orthogonality_T(y_TKD: Tensor, eps: float) -> Tensor:
+def _span_orthogonality_T(y_TKM: Tensor, eps: float) -> Tensor:
     """Per token sum over slots j of ||projection of y_j onto span{y_k : k != j}||^2 (absent slots are 0)."""
-    num_slots = y_TKD.shape[1]
-    total_T = y_TKD.new_zeros(y_TKD.shape[0])
+    num_slots = y_TKM.shape[1]
+    total_T = y_TKM.new_zeros(y_TKM.shape[0])
     for j in range(num_slots):
-        others = [y_TKD[:, k] for k in range(num_slots) if k != j]
+        others = [y_TKM[:, k] for k in range(num_slots) if k != j]
         for b in _orthonormal_basis(others, eps):
-            total_T = total_T + (y_TKD[:, j] * b).sum(-1).square()
+            total_T = total_T + (y_TKM[:, j] * b).sum(-1).square()
     return total_T
 
 
-def orthogonality_loss(*, outputs_TKD: Tensor, kept_TK: Tensor, mask_T: Tensor | None = None,
+def orthogonality_loss(*, outputs_TKM: Tensor, kept_TK: Tensor, mask_T: Tensor | None = None,
                        form: Literal["pairwise", "span"] = "pairwise", eps: float = 1e-6,
                        reduction: Literal["mean", "sum"] = "mean") -> Tensor:
     """Orthogonality loss L_o of one layer on the micro-batch (Guo et al. 2025; spec section 3).
 
-    outputs_TKD: each token's selected experts' outputs, NOT multiplied by the gate weight, in
+    outputs_TKM: each token's selected experts' outputs, NOT multiplied by the gate weight, in
     token-major order (token t's k slots in row t). kept_TK: False where the capacity limit dropped
     the slot (treated as absent). mask_T: False for padding tokens. K_t = surviving slots of token t.
       pairwise (Eq. 5): sum_t sum_{j in K_t} sum_{k in K_t, k != j} || <y_j,y_k>/(<y_k,y_k>+eps) y_k ||^2
@@ -67,15 +67,15 @@ def orthogonality_loss(*, outputs_TKD: Tensor, kept_TK: Tensor, mask_T: Tensor |
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    y_TKD = at_least_fp32(outputs_TKD)
+    y_TKM = at_least_fp32(outputs_TKM)
     alive_TK = kept_TK if mask_T is None else kept_TK & mask_T[:, None]
-    y_TKD = torch.where(alive_TK[..., None], y_TKD, torch.zeros_like(y_TKD))
+    y_TKM = torch.where(alive_TK[..., None], y_TKM, torch.zeros_like(y_TKM))
     if form == "pairwise":
-        total, per_token_slots = _pairwise_orthogonality_T(y_TKD, alive_TK, eps).sum(), 1
+        total, per_token_slots = _pairwise_orthogonality_T(y_TKM, alive_TK, eps).sum(), 1
     elif form == "span":
-        total, per_token_slots = _span_orthogonality_T(y_TKD, eps).sum(), y_TKD.shape[1]
+        total, per_token_slots = _span_orthogonality_T(y_TKM, eps).sum(), y_TKM.shape[1]
     else:
         raise ValueError(f"form must be 'pairwise' or 'span', got {form!r}")
     if reduction == "sum":
         return total
-    return total / (per_token_slots * nonzero_or_one(num_valid(y_TKD[:, 0, 0], mask_T)))
+    return total / (per_token_slots * nonzero_or_one(num_valid(y_TKM[:, 0, 0], mask_T)))
