@@ -57,6 +57,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     tie_embeddings: bool = True
+    # Recompute each block's activations in backward (torch.utils.checkpoint, non-reentrant): less memory,
+    # one more forward per block. Routing records and losses come from the first forward only.
+    activation_checkpointing: bool = False
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     def __post_init__(self):

@@ -48,17 +48,17 @@ class LogWindow:
         self.micro_steps += 1
         self.last = losses
 
-    def flush(self, state) -> dict[str, float]:
-        """Window means over all ranks (one all-reduce for losses, one for routing counts)."""
+    def flush(self, *, world_size: int, lr: float, grad_norm: float | None = None) -> dict[str, float]:
+        """Window means over all `world_size` ranks (one all-reduce for losses, one for routing counts),
+        with the optimizer's current `lr` and last `grad_norm` (None: not logged)."""
         keys = sorted(self.sums)
         stacked = torch.stack([self.sums[k] for k in keys]).cpu()
         all_reduce_sum(stacked)
-        world = state.info.world_size
+        world = world_size
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         scalars = {k: float(v) / (self.micro_steps * world) for k, v in zip(keys, stacked)}
         scalars["train/tokens_per_s"] = scalars.pop("train/tokens") * self.micro_steps * world / elapsed
-        scalars["train/lr"] = state.engine.get_lr()[0]
-        grad_norm = state.engine.get_global_grad_norm()
+        scalars["train/lr"] = lr
         if grad_norm is not None:
             scalars["train/grad_norm"] = float(grad_norm)
         for name, coef in self.last.coefs.items():

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ds_moe_div.config import ModelConfig
 from ds_moe_div.moe import RoutedMoE, reinit_experts
@@ -133,8 +134,13 @@ class MoELanguageModel(nn.Module):
                 collect_expert_outputs: bool = False) -> ModelOutput:
         x = self.embed(input_ids_BS)
         records = []
+        recompute = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x, record = block(x, self.rope_cos, self.rope_sin, collect_expert_outputs)
+            if recompute:  # the recomputation's outputs (its routing record included) are discarded
+                x, record = checkpoint(block, x, self.rope_cos, self.rope_sin, collect_expert_outputs,
+                                       use_reentrant=False)
+            else:
+                x, record = block(x, self.rope_cos, self.rope_sin, collect_expert_outputs)
             if record is not None:
                 records.append(record)
         logits_BSV = self.lm_head(self.norm(x)).float()

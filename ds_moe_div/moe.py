@@ -3,12 +3,14 @@
 DeepSpeed's `MoE` returns only (output, l_aux, exp_counts). Specialisation objectives need the dense
 router probabilities, the chosen experts, the capacity drops and, for the orthogonality loss, the
 unweighted outputs of each token's selected experts. The subclasses here keep DeepSpeed's routing,
-dispatch and all-to-all (its own functions are called), stash those tensors, and hand them back as a
-`RoutingRecord`. They never reduce, log or scale anything; the process groups they belong to are
-DeepSpeed's `ep_size_N` groups, looked up by name (`expert_parallel_group` / `expert_data_parallel_group`)
-once `deepspeed.initialize` has created them.
+dispatch and all-to-all (its own functions are called) and hand those tensors back as return values,
+ending in a `RoutingRecord`: no per-step state is kept on the modules, so a forward that activation
+checkpointing recomputes produces a second record that is simply discarded (nothing is counted twice).
+They never reduce, log or scale anything; the process groups they belong to are DeepSpeed's `ep_size_N`
+groups, looked up by name (`expert_parallel_group` / `expert_data_parallel_group`) once
+`deepspeed.initialize` has created them.
 
-Shape legend: T tokens, E experts, K top-k slots, M model dim, C capacity.
+Shape legend (docs/SHAPES.md): T tokens, E experts, K top-k slots, M model dim, C capacity.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from ds_moe_div.routing import RoutingRecord
 
 
 class RoutingGate(ds_moe.TopKGate):
-    """DeepSpeed's top-k gate that computes fp32 logits once and stashes the routing tensors.
+    """DeepSpeed's top-k gate that computes fp32 logits once and returns them with DeepSpeed's outputs.
 
     DeepSpeed calls `F.linear` on `wg.weight` itself (a hook on `wg` never fires), so the logits are
     computed here and handed to DeepSpeed's own `top1gating` / `top2gating` / `topkgating`.
@@ -48,25 +50,23 @@ class RoutingGate(ds_moe.TopKGate):
         else:
             out = ds_moe.topkgating(logits, self.k, capacity_factor, self.min_capacity, self.drop_tokens,
                                     self.ep_group, sparse_routes=True)
-        self.stash = (logits, out[3], out[5])  # logits_TE, indices [K,T] (-1 dropped), weights [K,T]
-        return out
+        # DeepSpeed's (l_aux, capacity, num_experts, indices [K,T] (-1 dropped), locations [K,T],
+        # weights [K,T], exp_counts), and logits_TE.
+        return out, logits
 
 
 class RoutingMOELayer(ds_moe.MOELayer):
-    """DeepSpeed's MOELayer forward (sparse dispatch, no tutel, no tensor parallelism) that can also
-    return the unweighted expert outputs in token-major [T, K, M] order at no extra cost."""
+    """DeepSpeed's MOELayer forward (sparse dispatch, no tutel, no tensor parallelism) that returns
+    (output, RoutingRecord) and can also give the unweighted expert outputs in token-major [T, K, M]
+    order at no extra cost."""
 
-    collect_expert_outputs: bool = False
-
-    def forward(self, *input, **kwargs):
+    def forward(self, hidden, used_token=None, *, layer_id: int = 0, collect_expert_outputs: bool = False):
         if groups.mpu is not None:
             raise ValueError("ds_moe_div's MoE layer does not support tensor parallelism (groups.mpu is set)")
-        hidden = input[0]
         d_model = hidden.shape[-1]
         tokens_TM = hidden.reshape(-1, d_model)
-        used_token = input[1] if len(input) > 1 else None
-        self.l_aux, capacity, num_experts, indices_KT, locations_KT, gates_KT, self.exp_counts = self.gate(
-            tokens_TM, used_token, True, False)
+        gated, logits_TE = self.gate(tokens_TM, used_token, True, False)
+        l_aux, capacity, num_experts, indices_KT, locations_KT, gates_KT, _ = gated
         capacity = int(capacity)
         slots_KT = ds_moe._route_slots(indices_KT, locations_KT, num_experts, capacity)
         dispatched_ECM = ds_moe._sparse_encode(tokens_TM, slots_KT, num_experts, capacity)
@@ -74,18 +74,18 @@ class RoutingMOELayer(ds_moe.MOELayer):
         dispatched = dispatched_ECM.reshape(self.ep_size, self.num_local_experts, -1, d_model)
         expert_out = self.experts(dispatched).reshape(self.ep_size * self.num_local_experts, -1, d_model)
         expert_out_EC_M = self._exchange(expert_out).view(num_experts * capacity, d_model)
-        self.capacity = capacity
-        if self.collect_expert_outputs:
+        routed_TKM = None
+        if collect_expert_outputs:
             # Gather straight into token-major order (dropped slots read the zero row), so the
             # orthogonality loss gets contiguous [T, K, M] outputs and the combine reuses them.
             padded = torch.cat([expert_out_EC_M, expert_out_EC_M.new_zeros(1, d_model)])
             routed_TKM = padded.index_select(0, slots_KT.t().reshape(-1)).view(-1, slots_KT.shape[0], d_model)
             combined = (routed_TKM * gates_KT.t().unsqueeze(-1)).sum(1).to(expert_out_EC_M.dtype)
-            self.expert_outputs_TKM = routed_TKM
         else:
             combined = ds_moe._sparse_decode(expert_out_EC_M, slots_KT, gates_KT, tokens_TM.shape[0])
-            self.expert_outputs_TKM = None
-        return combined.reshape(hidden.shape)
+        record = routing_record(layer_id=layer_id, logits_TE=logits_TE, indices_KT=indices_KT, weights_KT=gates_KT,
+                                l_aux=l_aux, capacity=capacity, expert_outputs_TKM=routed_TKM)
+        return combined.reshape(hidden.shape), record
 
     def _exchange(self, buffer: torch.Tensor) -> torch.Tensor:
         if self.ep_size > 1:
@@ -130,24 +130,34 @@ class RoutedMoE(MoE):
         """DeepSpeed's expert-data-parallel group (ranks that hold replicas of the same experts)."""
         return groups._get_expert_data_parallel_group(self.expert_group_name)
 
-    def forward(self, hidden_states: torch.Tensor, *, collect_expert_outputs: bool = False):
-        self.deepspeed_moe.collect_expert_outputs = collect_expert_outputs
-        output, l_aux, _ = super().forward(hidden_states)
-        logits_TE, indices_KT, weights_KT = self.gate.stash
-        self.gate.stash = None
-        probs_TE = torch.softmax(logits_TE, dim=-1)
-        kept_TK = (indices_KT >= 0).t()
-        chosen_TK = indices_KT.t().long()
-        # Dropped slots carry -1: restore the expert the router chose (exact for deterministic routing;
-        # with Gumbel-sampled second experts a dropped slot shows the second-highest probability).
-        ranked_TK = torch.topk(probs_TE.detach(), k=chosen_TK.shape[1], dim=-1).indices
-        chosen_TK = torch.where(kept_TK, chosen_TK, ranked_TK)
-        record = RoutingRecord(layer_id=self.layer_id, logits_TE=logits_TE, probs_TE=probs_TE,
-                               indices_TK=chosen_TK, weights_TK=weights_KT.t(), kept_TK=kept_TK, l_aux=l_aux,
-                               capacity=self.deepspeed_moe.capacity,
-                               expert_outputs_TKM=self.deepspeed_moe.expert_outputs_TKM)
-        self.deepspeed_moe.expert_outputs_TKM = None
+    def forward(self, hidden_states: torch.Tensor, used_token: torch.Tensor | None = None, *,
+                collect_expert_outputs: bool = False) -> tuple[torch.Tensor, RoutingRecord]:
+        """DeepSpeed's `MoE.forward` (residual MoE included), returning (output, RoutingRecord) instead of
+        reading l_aux and exp_counts back from module attributes."""
+        output, record = self.deepspeed_moe(hidden_states, used_token, layer_id=self.layer_id,
+                                            collect_expert_outputs=collect_expert_outputs)
+        if self.use_residual:
+            output_mlp = self.mlp(hidden_states)
+            if isinstance(output_mlp, tuple):
+                output_mlp = output_mlp[0]
+            coef = F.softmax(self.coefficient(hidden_states), dim=-1)
+            output = output * coef[..., 0:1] + output_mlp * coef[..., 1:]
         return output, record
+
+
+def routing_record(*, layer_id: int, logits_TE: torch.Tensor, indices_KT: torch.Tensor, weights_KT: torch.Tensor,
+                   l_aux: torch.Tensor, capacity: int | None, expert_outputs_TKM: torch.Tensor | None) -> RoutingRecord:
+    """The record of DeepSpeed's gate outputs: slot-major [K, T] indices (-1 = dropped) and weights."""
+    probs_TE = torch.softmax(logits_TE, dim=-1)
+    kept_TK = (indices_KT >= 0).t()
+    chosen_TK = indices_KT.t().long()
+    # Dropped slots carry -1: restore the expert the router chose (exact for deterministic routing;
+    # with Gumbel-sampled second experts a dropped slot shows the second-highest probability).
+    ranked_TK = torch.topk(probs_TE.detach(), k=chosen_TK.shape[1], dim=-1).indices
+    chosen_TK = torch.where(kept_TK, chosen_TK, ranked_TK)
+    return RoutingRecord(layer_id=layer_id, logits_TE=logits_TE, probs_TE=probs_TE, indices_TK=chosen_TK,
+                         weights_TK=weights_KT.t(), kept_TK=kept_TK, l_aux=l_aux, capacity=capacity,
+                         expert_outputs_TKM=expert_outputs_TKM)
 
 
 def reinit_experts(moe: RoutedMoE, *, seed: int, ep_rank: int, std: float, out_std: float) -> None:

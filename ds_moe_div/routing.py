@@ -1,7 +1,12 @@
 """What one MoE layer's router did on one micro-batch, as tensors for losses and metrics.
 
-Shape legend: T tokens of the micro-batch (B*S, row-major, padding included), E routed experts,
-K = top-k slots per token, M model dim.
+The one interface between a MoE layer and everything downstream (composer, metrics, evaluation): a layer
+returns one `RoutingRecord` per forward, explicitly (no module attributes). DeepSpeed-MoE layers build it
+in `moe.py`; any other router (e.g. a dropless token-choice top-k router returning top scores [T, K],
+selected experts [T, K] and counts [E]) fills the same fields, with `capacity=None` and `kept_TK` all True.
+
+Shape legend (docs/SHAPES.md): T tokens of the micro-batch (B*S, row-major, padding included), E routed
+experts, K = top-k slots per token, M model dim.
 """
 from __future__ import annotations
 
@@ -16,7 +21,9 @@ class RoutingRecord:
 
     `probs_TE`, `logits_TE` and `weights_TK` are differentiable (fp32). `indices_TK` are the experts
     each token chose before the capacity limit; `kept_TK` is False where the limit dropped the slot
-    (the slot's expert output is then zero and its weight is zero).
+    (the slot's expert output is then zero and its weight is zero). `l_aux` is the load-balancing loss
+    the layer's gate returned for this micro-batch (DeepSpeed's own). `capacity`: slots per expert,
+    None for a dropless layer.
     """
 
     layer_id: int
@@ -26,7 +33,7 @@ class RoutingRecord:
     weights_TK: torch.Tensor
     kept_TK: torch.Tensor
     l_aux: torch.Tensor
-    capacity: int
+    capacity: int | None = None
     # Unweighted outputs of each token's selected experts in token-major order; only collected
     # when a loss needs them (orthogonality), else None.
     expert_outputs_TKM: torch.Tensor | None = None
@@ -38,10 +45,3 @@ class RoutingRecord:
     @property
     def k(self) -> int:
         return self.indices_TK.shape[-1]
-
-    def expert_counts(self, mask_T: torch.Tensor | None = None, *, after_capacity: bool = False) -> torch.Tensor:
-        """Routing slots per expert [E] (float), over `mask_T` tokens, before or after the capacity drop."""
-        slots = self.kept_TK if after_capacity else torch.ones_like(self.kept_TK)
-        if mask_T is not None:
-            slots = slots & mask_T[:, None]
-        return torch.bincount(self.indices_TK[slots], minlength=self.num_experts).float()

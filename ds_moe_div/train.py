@@ -12,15 +12,18 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from ds_moe_div import checkpoint
+from ds_moe_div.composer import ObjectiveComposer
 from ds_moe_div.config import ExperimentConfig, load_experiment
 from ds_moe_div.config_loader import ConfigError
 from ds_moe_div.ds_config import DeepSpeedConfigError, load_ds_config
+from ds_moe_div.log_window import LogWindow
 from ds_moe_div.metrics.tensorboard import log_routing_pictures
 from ds_moe_div.session import TrainState, build
 
@@ -42,25 +45,24 @@ def load_configs(args) -> tuple[ExperimentConfig, dict]:
     return load_experiment(args.config, overrides), load_ds_config(args.deepspeed_config)
 
 
-def train_step(state: TrainState) -> None:
-    """One optimizer step: `gradient_accumulation_steps` micro-batches, one engine.backward each."""
-    engine = state.engine
+def train_step(engine, batches: Iterator[dict], composer: ObjectiveComposer, window: LogWindow, *, step: int) -> None:
+    """Optimizer step `step` (0-based): `gradient_accumulation_steps` micro-batches from `batches`, one
+    engine.backward each; the losses and routing records go to `window`."""
     for _ in range(engine.gradient_accumulation_steps()):
-        batch = {k: v.to(engine.device, non_blocking=True) for k, v in next(state.train_iter).items()}
-        out = engine(batch["input_ids"], labels_BS=batch["labels"],
-                     collect_expert_outputs=state.composer.needs_expert_outputs)
-        losses = state.composer(out, domain_ids_BS=batch["domain_ids"], step=state.step)
+        batch = {k: v.to(engine.device, non_blocking=True) for k, v in next(batches).items()}
+        out = engine(batch["input_ids"], labels_BS=batch["labels"], collect_expert_outputs=composer.needs_expert_outputs)
+        losses = composer(out, domain_ids_BS=batch["domain_ids"], step=step)
         engine.backward(losses.total)
         engine.step()
-        state.window.add(losses, out, batch)
-    state.step += 1
+        window.add(losses, out, batch)
 
 
 
 def maybe_log(state: TrainState, bar) -> None:
     if state.step % state.cfg.train.log_interval and state.step != state.cfg.train.steps:
         return
-    scalars = state.window.flush(state)
+    scalars = state.window.flush(world_size=state.info.world_size, lr=state.engine.get_lr()[0],
+                                 grad_norm=state.engine.get_global_grad_norm())
     state.monitor.scalars(scalars, state.step)
     stats = state.window.routing_stats
     if stats is not None and state.step % state.cfg.train.heatmap_interval == 0:
@@ -85,7 +87,8 @@ def run(state: TrainState) -> None:
     with tqdm(total=train.steps, initial=state.step, disable=not (state.info.is_main and train.show_progress),
               desc="train", unit="step", dynamic_ncols=True) as bar:
         while state.step < train.steps:
-            train_step(state)
+            train_step(state.engine, state.train_iter, state.composer, state.window, step=state.step)
+            state.step += 1
             maybe_log(state, bar)
             maybe_eval(state)
             maybe_save(state)

@@ -23,6 +23,7 @@ changes); the DeepSpeed config is ds_configs/ds_zero2_cpu.json on CPU, ds_zero2_
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -36,7 +37,6 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -209,10 +209,11 @@ def compare_with_plain(args, device) -> None:
     for name, model in (("ours", ours), ("plain", plain)):
         engines[name], *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds)
     composer = ObjectiveComposer(ObjectivesConfig(balance=BalanceConfig(coef=L_AUX_COEF)), num_domains=args.domains)
-    state = SimpleNamespace(engine=engines["ours"], composer=composer, window=LogWindow(), step=0,
-                            train_iter=random_batches(args, cfg, device, seed=0, vocab=vocab))
+    window = LogWindow()
+    our_batches = random_batches(args, cfg, device, seed=0, vocab=vocab)
     plain_batches = random_batches(args, cfg, device, seed=0, vocab=vocab)  # the same batches as ours
-    run = {"ours": lambda: train_step(state), "plain": lambda: plain_step(engines["plain"], plain_batches)}
+    run = {"ours": lambda: train_step(engines["ours"], our_batches, composer, window, step=0),
+           "plain": lambda: plain_step(engines["plain"], plain_batches)}
     times = {"ours": [], "plain": []}
     first_loss = {}
     for round_id in range(args.repeats + 1):  # round 0 warms both up
@@ -222,11 +223,11 @@ def compare_with_plain(args, device) -> None:
             for _ in range(args.steps):
                 loss = run[name]()
                 if name not in first_loss:  # once: a float() every step would add a host sync
-                    first_loss[name] = float((state.window.last.lm if name == "ours" else loss).detach())
+                    first_loss[name] = float((window.last.lm if name == "ours" else loss).detach())
             _sync(device)
             if round_id:
                 times[name].append((time.perf_counter() - start) / args.steps)
-        state.window.reset()
+        window.reset()
     report_plain(args, cfg, device, times, first_loss)
 
 
@@ -272,9 +273,17 @@ def ranks_worker(args) -> None:
                                  k=cfg.model.moe.k, layer_ids=tuple(layer.layer_id for layer in layers))
     composer = ObjectiveComposer(cfg.objectives, num_domains=args.domains, world_group=dist.group.WORLD,
                                  divergence_group=divergence_group(cfg.objectives.divergence.scope, layers[0]))
-    state = SimpleNamespace(engine=engine, composer=composer, window=LogWindow(routing, names), step=0, info=info,
-                            train_iter=random_batches(args, cfg, device, seed=1000 + info.rank, vocab=vocab))
-    step_s = [timed_block(state, n, cfg.train.log_interval, device) for n in [args.warmup] + [args.steps] * args.repeats]
+    window = LogWindow(routing, names)
+    batches = random_batches(args, cfg, device, seed=1000 + info.rank, vocab=vocab)
+    steps_done = itertools.count()
+
+    def one_step() -> None:  # as in training: the window is flushed every log_interval steps
+        step = next(steps_done)
+        train_step(engine, batches, composer, window, step=step)
+        if (step + 1) % cfg.train.log_interval == 0:
+            window.flush(world_size=info.world_size, lr=engine.get_lr()[0], grad_norm=engine.get_global_grad_norm())
+
+    step_s = [timed_block(one_step, n, device) for n in [args.warmup] + [args.steps] * args.repeats]
     peak = peak_memory_mb(device)
     peaks = [None] * info.world_size
     dist.all_gather_object(peaks, peak)
@@ -287,16 +296,14 @@ def ranks_worker(args) -> None:
         Path(args.out).write_text(json.dumps(result, indent=2))
 
 
-def timed_block(state, steps: int, log_interval: int, device) -> float:
-    """Seconds per step over `steps` training steps, the window flushed every `log_interval` steps as in training."""
+def timed_block(one_step, steps: int, device) -> float:
+    """Seconds per step over `steps` calls of `one_step`."""
     import torch.distributed as dist
     _sync(device)
     dist.barrier()
     start = time.perf_counter()
     for _ in range(steps):
-        train_step(state)
-        if state.step % log_interval == 0:
-            state.window.flush(state)
+        one_step()
     _sync(device)
     return (time.perf_counter() - start) / max(steps, 1)
 

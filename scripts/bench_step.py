@@ -15,7 +15,6 @@ import argparse
 import os
 import statistics
 import time
-from types import SimpleNamespace
 
 import torch
 
@@ -108,7 +107,7 @@ def main():
           "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
           "zero_optimization": {"stage": 2}, "bf16": {"enabled": device.type == "cuda"}}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds)
-    state = SimpleNamespace(engine=engine, train_iter=random_batches(args, device), step=0)
+    batches = random_batches(args, device)
     composers = {name: ObjectiveComposer(objectives_for(o), num_domains=args.domains) for name, o in VARIANTS.items()}
     composers[ROUTING_VARIANT] = ObjectiveComposer(objectives_for(ALL), num_domains=args.domains)
     layer_ids = tuple(m.layer_id for m in model.moe_layers())
@@ -118,14 +117,13 @@ def main():
     times = {name: [] for name in composers}
     for round_id in range(args.repeats + 1):  # round 0 warms up every variant
         for name, composer in composers.items():
-            state.composer = composer
-            state.window = LogWindow(routing if name == ROUTING_VARIANT else None, names)
+            window = LogWindow(routing if name == ROUTING_VARIANT else None, names)
             _sync(device)
             start = time.perf_counter()
             for _ in range(args.steps):
-                train_step(state)
-            if state.window.routing is not None:
-                state.window.routing.reduce().scalars(names)
+                train_step(engine, batches, composer, window, step=0)
+            if window.routing is not None:
+                window.routing.reduce().scalars(names)
             _sync(device)
             if round_id:
                 times[name].append((time.perf_counter() - start) / args.steps)

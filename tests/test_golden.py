@@ -27,7 +27,8 @@ def _curve(rank, world_size, tmp):
     state = build(cfg, json.loads(DS_ZERO2.read_text()))
     curve = []
     for _ in range(STEPS):
-        train_step(state)
+        train_step(state.engine, state.train_iter, state.composer, state.window, step=state.step)
+        state.step += 1
         losses = state.window.last
         curve.append({"lm": float(losses.lm), **{k: float(v) for k, v in losses.unscaled.items()}})
         state.window.reset()

@@ -94,6 +94,56 @@ def test_residual_moe_mixes_a_dense_expert():
     assert any(n.startswith("mlp.") for n in names) and not any("expert" in n for n in names if n.startswith("mlp."))
     x = torch.randn(2, 8, M)
     out, _ = moe(x)
-    routed = moe.deepspeed_moe(x)
+    routed, _ = moe.deepspeed_moe(x)
     coef = torch.softmax(moe.coefficient(x), -1)
     torch.testing.assert_close(out, routed * coef[..., :1] + moe.mlp(x) * coef[..., 1:])
+
+
+@pytest.mark.parametrize("k, capacity_factor, noisy", [(2, 1.0, None), (1, 0.5, "Jitter")])
+def test_activation_checkpointing_changes_no_loss_statistic_or_gradient(k, capacity_factor, noisy):
+    """With model.activation_checkpointing each block's forward runs twice (the gate is called twice),
+    yet the records, every loss and the routing statistics come from the first forward only, and the
+    gradients equal those without recomputation. Random routing (RTS, jitter) replays the same draws."""
+    from ds_moe_div.composer import ObjectiveComposer
+    from ds_moe_div.config import ModelConfig, MoEConfig, load_experiment
+    from ds_moe_div.metrics.accumulator import RoutingAccumulator
+    from ds_moe_div.model import MoELanguageModel
+
+    objectives = load_experiment(None, ["objectives.z_loss.coef=0.001", "objectives.divergence.coef=0.1",
+                                        "objectives.orthogonality.coef=0.5", "objectives.variance.coef=0.2"]).objectives
+    g = torch.Generator().manual_seed(3)
+    ids_BS = torch.randint(0, 64, (2, 16), generator=g)
+    domains_BS = torch.randint(-1, 3, (2, 16), generator=g)
+    runs = {}
+    for recompute in (False, True):
+        moe = MoEConfig(num_experts=4, k=k, capacity_factor=capacity_factor, min_capacity=1, noisy_gate_policy=noisy)
+        cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2, d_ff=64, activation_checkpointing=recompute, moe=moe)
+        model = MoELanguageModel(cfg, vocab_size=64, seq_len=16, seed=0).train()
+        calls = []
+        for layer in model.moe_layers():
+            layer.gate.register_forward_hook(lambda *_, calls=calls: calls.append(1))
+        composer = ObjectiveComposer(objectives, num_domains=3)
+        accumulator = RoutingAccumulator(num_layers=2, num_domains=3, num_experts=4, k=k, layer_ids=(0, 1))
+        torch.manual_seed(11)  # RTS and jitter draw from the global generator
+        out = model(ids_BS, labels_BS=ids_BS, collect_expert_outputs=composer.needs_expert_outputs)
+        losses = composer(out, domain_ids_BS=domains_BS, step=0)
+        losses.total.backward()
+        accumulator.add(out.routing, domains_BS)
+        runs[recompute] = (len(calls), losses, out.routing, accumulator.local_stats().per_layer(),
+                           {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    (calls_off, losses_off, records_off, stats_off, grads_off), (calls_on, losses_on, records_on, stats_on, grads_on) = \
+        runs[False], runs[True]
+    assert (calls_off, calls_on) == (2, 4)  # the recomputation really ran
+    torch.testing.assert_close(losses_on.total, losses_off.total, rtol=0, atol=0)
+    assert losses_on.unscaled.keys() == losses_off.unscaled.keys() and len(losses_on.unscaled) == 5
+    for name in losses_off.unscaled:
+        torch.testing.assert_close(losses_on.per_layer[name], losses_off.per_layer[name], rtol=0, atol=0)
+    for a, b in zip(records_on, records_off):
+        assert torch.equal(a.indices_TK, b.indices_TK) and torch.equal(a.kept_TK, b.kept_TK)
+        torch.testing.assert_close(a.probs_TE, b.probs_TE, rtol=0, atol=0)
+    assert stats_on.keys() == stats_off.keys()
+    for name in stats_off:
+        torch.testing.assert_close(stats_on[name], stats_off[name], rtol=0, atol=0, equal_nan=True)
+    assert grads_on.keys() == grads_off.keys() and any("gate" in n for n in grads_off)
+    for name in grads_off:
+        torch.testing.assert_close(grads_on[name], grads_off[name], rtol=1e-6, atol=1e-8, msg=name)

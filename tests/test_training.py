@@ -125,7 +125,8 @@ def _losses_on_ranks(rank, world_size, overrides, ds_overrides, tmp):
     state = build(cfg, ds)
     losses = []
     for _ in range(3):
-        train_step(state)
+        train_step(state.engine, state.train_iter, state.composer, state.window, step=state.step)
+        state.step += 1
         last = state.window.last
         losses.append([float(last.lm)] + [float(v) for v in last.unscaled.values()])
         state.window.reset()
