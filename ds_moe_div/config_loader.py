@@ -197,6 +197,16 @@ def _to_plain(value: Any) -> Any:
     return str(value) if isinstance(value, Path) else value
 
 
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as {"a.b.c": leaf value} (a non-dict `tree` is one leaf named `prefix`)."""
+    if not isinstance(tree, Mapping):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
 def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict:
     """A copy of `data` with each "a.b.c=value" set; value parsed as JSON, else kept as str."""
     result = copy.deepcopy(dict(data))

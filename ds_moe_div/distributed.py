@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +78,15 @@ def _local_world_size() -> int:
         if key in os.environ:
             return int(os.environ[key])
     return 1 if "WORLD_SIZE" not in os.environ else int(os.environ["WORLD_SIZE"])
+
+
+def deepspeed_executable() -> str:
+    local = Path(sys.executable).parent / "deepspeed"
+    found = str(local) if local.is_file() else shutil.which("deepspeed")
+    if found is None:
+        raise FileNotFoundError("the deepspeed launcher is not installed next to this Python nor on PATH; "
+                                "install deepspeed (bash scripts/setup_env.sh)")
+    return found
 
 
 def set_cpu_threads(info: RankInfo) -> None:

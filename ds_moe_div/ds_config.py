@@ -118,3 +118,8 @@ def engine_config(ds: dict, micro: int, gas: int, world_size: int, *, steps: int
         scheduler = ds["scheduler"]
         resolved["scheduler"] = dict(scheduler, params={"total_num_steps": steps, **scheduler.get("params", {})})
     return resolved
+
+
+def inference_config(micro: int, world_size: int, *, on_gpu: bool) -> dict:
+    """The engine config of an evaluation (no optimizer, no ZeRO, bf16 on GPU), through `engine_config`."""
+    return engine_config({"steps_per_print": 10**9, "bf16": {"enabled": on_gpu}}, micro, 1, world_size)

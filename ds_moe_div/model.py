@@ -5,7 +5,8 @@ DeepSpeed-MoE layers. No distributed code lives here: the MoE layers' process gr
     out = model(input_ids_BS, labels_BS=labels, collect_expert_outputs=False)
     out.lm_loss, out.routing[0].probs_TE
 
-Shape legend: B batch, S sequence, M model dim, H heads, D head dim, V vocabulary, T = B*S tokens.
+Shape suffixes (docs/SHAPES.md): B sequences, S positions, T = B*S tokens, V vocabulary, M model dim,
+H heads, A head dim, F rotary frequencies (A / 2).
 """
 from __future__ import annotations
 
@@ -17,10 +18,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ds_moe_div.config import ModelConfig
+from ds_moe_div.data.loader import IGNORE_INDEX  # labels the loss skips (padding targets)
 from ds_moe_div.moe import RoutedMoE, reinit_experts
 from ds_moe_div.routing import RoutingRecord
-
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
@@ -46,14 +46,14 @@ class SwiGLU(nn.Module):
 
 def rotary_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles_SD = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
-    return angles_SD.cos(), angles_SD.sin()
+    angles_SF = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+    return angles_SF.cos(), angles_SF.sin()
 
 
-def apply_rotary(x_BHSD, cos_SD, sin_SD):
-    x1, x2 = x_BHSD.float().chunk(2, dim=-1)
-    cos, sin = cos_SD[: x_BHSD.shape[2]], sin_SD[: x_BHSD.shape[2]]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x_BHSD.dtype)
+def apply_rotary(x_BHSA, cos_SF, sin_SF):
+    x1, x2 = x_BHSA.float().chunk(2, dim=-1)
+    cos, sin = cos_SF[: x_BHSA.shape[2]], sin_SF[: x_BHSA.shape[2]]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x_BHSA.dtype)
 
 
 class Attention(nn.Module):
@@ -67,8 +67,8 @@ class Attention(nn.Module):
         B, S, M = x_BSM.shape
         q, k, v = self.qkv(x_BSM).view(B, S, 3, self.n_heads, M // self.n_heads).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y_BHSD = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(y_BHSD.transpose(1, 2).reshape(B, S, M))
+        y_BHSA = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y_BHSA.transpose(1, 2).reshape(B, S, M))
 
 
 class Block(nn.Module):

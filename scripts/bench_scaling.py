@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import resource
-import shutil
 import signal
 import statistics
 import subprocess
@@ -44,12 +43,19 @@ from torch import nn
 
 from ds_moe_div.composer import ObjectiveComposer
 from ds_moe_div.config import BalanceConfig, ExperimentConfig, ModelConfig, ObjectivesConfig, load_experiment
-from ds_moe_div.distributed import divergence_group, init_distributed, seed_everything, set_cpu_threads
+from ds_moe_div.data.loader import IGNORE_INDEX
+from ds_moe_div.distributed import (
+    deepspeed_executable,
+    divergence_group,
+    init_distributed,
+    seed_everything,
+    set_cpu_threads,
+)
 from ds_moe_div.ds_config import check_ds_config, engine_config, load_ds_config
-from ds_moe_div.fileio import free_port
+from ds_moe_div.fileio import free_port, write_json
 from ds_moe_div.log_window import LogWindow
 from ds_moe_div.metrics.accumulator import RoutingAccumulator
-from ds_moe_div.model import IGNORE_INDEX, Attention, MoELanguageModel, SwiGLU, rotary_tables
+from ds_moe_div.model import Attention, MoELanguageModel, SwiGLU, rotary_tables
 from ds_moe_div.train import train_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -293,7 +299,7 @@ def ranks_worker(args) -> None:
                   "threads": torch.get_num_threads(), "step_s": step,
                   "tokens_per_s": info.world_size * args.batch * cfg.data.seq_len / step,
                   "memory": "cuda_max_allocated" if device.type == "cuda" else "max_rss", "peak_mb": peaks}
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        write_json(args.out, result)
 
 
 def timed_block(one_step, steps: int, device) -> float:
@@ -319,8 +325,7 @@ def peak_memory_mb(device) -> float:
 
 def launch(args, ranks: int, ep_size: int, out: Path) -> tuple[int, str]:
     """One launcher run; on timeout its whole process group (launcher and ranks) is killed."""
-    launcher = Path(sys.executable).parent / "deepspeed"
-    launcher = str(launcher) if launcher.exists() else shutil.which("deepspeed") or "deepspeed"
+    launcher = deepspeed_executable()
     forwarded = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                  if k in ("d_model", "layers", "experts", "k", "seq", "batch", "vocab", "domains", "steps",
                           "repeats", "warmup") and v is not None]

@@ -2,7 +2,7 @@
 
     python scripts/bench_step.py [--d-model 256 --layers 4 --experts 8 --k 2 --batch 4 --seq 256 --repeats 6]
 
-One model and one DeepSpeed engine (ZeRO-2, fp32 on CPU / bf16 on GPU); the variants differ only in
+One model and one DeepSpeed engine (ds_configs/ds_zero2_cpu.json, fp32 / ds_zero2_gpu_bf16.json, bf16); the variants differ only in
 the objective composer, and they are timed round-robin (baseline, +z, +ED, +orth, +var, all; again) so
 that drift of the machine hits every variant alike. Prints the median step time of each, its ratio to
 the baseline, tokens/s, and model FLOPs/s against this machine's measured fp32 matmul FLOPs/s. The
@@ -15,17 +15,22 @@ import argparse
 import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 from ds_moe_div.composer import ObjectiveComposer
 from ds_moe_div.config import ModelConfig, MoEConfig, ObjectivesConfig, load_experiment
 from ds_moe_div.distributed import init_distributed, seed_everything
+from ds_moe_div.ds_config import engine_config, load_ds_config
 from ds_moe_div.log_window import LogWindow
 from ds_moe_div.metrics.accumulator import RoutingAccumulator
 from ds_moe_div.model import MoELanguageModel
 from ds_moe_div.train import train_step
 
+ROOT = Path(__file__).resolve().parents[1]
+DS_CPU = ROOT / "ds_configs" / "ds_zero2_cpu.json"
+DS_GPU = ROOT / "ds_configs" / "ds_zero2_gpu_bf16.json"
 VARIANTS = {
     "baseline (l_aux)": [],
     "+z_loss": ["z_loss.coef=0.001"],
@@ -103,9 +108,9 @@ def main():
                       d_ff=2 * args.d_model, moe=MoEConfig(num_experts=args.experts, k=args.k))
     seed_everything(0)
     model = MoELanguageModel(cfg, vocab_size=args.vocab, seq_len=args.seq, seed=0)
-    ds = {"train_micro_batch_size_per_gpu": args.batch, "gradient_clipping": 1.0, "steps_per_print": 10**9,
-          "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
-          "zero_optimization": {"stage": 2}, "bf16": {"enabled": device.type == "cuda"}}
+    # The shipped DeepSpeed files, with this benchmark's batch size (the schedule never ends within it).
+    ds = engine_config(load_ds_config(DS_GPU if device.type == "cuda" else DS_CPU), args.batch, 1, info.world_size,
+                       steps=10**6)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds)
     batches = random_batches(args, device)
     composers = {name: ObjectiveComposer(objectives_for(o), num_domains=args.domains) for name, o in VARIANTS.items()}

@@ -214,8 +214,7 @@ def _unshuffled_counts() -> dict[str, int]:
     import dataclasses
 
     from ds_moe_div.config import load_experiment
-    from ds_moe_div.data import BatchLoader, prepare_data
-    from ds_moe_div.model import IGNORE_INDEX
+    from ds_moe_div.data import IGNORE_INDEX, BatchLoader, prepare_data
 
     cfg = load_experiment(SMOKE, SHUFFLED).data
     data = prepare_data(dataclasses.replace(cfg, shuffle_labels_seed=None), show_progress=False)

@@ -8,11 +8,11 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from ds_moe_div.distributed import deepspeed_executable
 from ds_moe_div.fileio import free_port
 from tests.dist_utils import run_command, run_on_ranks
 
@@ -26,9 +26,8 @@ pytestmark = pytest.mark.slow
 
 def launch(tmp_path: Path, *overrides: str, ranks: int = 2, timeout: int = 420) -> subprocess.CompletedProcess:
     """Run scripts/train.py through the deepspeed launcher; kill the whole process group on timeout."""
-    deepspeed = Path(sys.executable).parent / "deepspeed"
     port = free_port()
-    cmd = [str(deepspeed), "--num_gpus", str(ranks), "--master_port", str(port), str(ROOT / "scripts/train.py"),
+    cmd = [deepspeed_executable(), "--num_gpus", str(ranks), "--master_port", str(port), str(ROOT / "scripts/train.py"),
            "--deepspeed_config", str(DS_ZERO2), "--config", str(SMOKE)]
     for o in overrides:
         cmd += [o] if o.startswith("--") else ["--override", o]

@@ -67,26 +67,3 @@ def stats(
         "totals": totals,
         "subdomains": rows,
     }
-
-
-def markdown_table(stats_dict: dict) -> str:
-    """The data card's corpus table (subdomain, domain, group, MB, documents, licence) from stats.json."""
-    lines = [
-        "| subdomain | domain | group | MB | documents | license |",
-        "| --- | --- | --- | ---: | ---: | --- |",
-    ]
-    rows = sorted(
-        stats_dict["subdomains"].items(),
-        key=lambda kv: (kv[1]["domain"], kv[1]["group"], kv[0]),
-    )
-    for name, row in rows:
-        documents = (
-            row["documents"] if not row["missing"] else f"missing: {row['missing']}"
-        )
-        lines.append(
-            f"| {name} | {row['domain']} | {row['group']} | {row['mb']:.2f} | {documents} | {row['license']} |"
-        )
-    lines.append(
-        f"| **total** | | | {stats_dict['bytes'] / 1e6:.2f} | {stats_dict['documents']} | |"
-    )
-    return "\n".join(lines)

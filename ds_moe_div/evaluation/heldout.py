@@ -7,7 +7,7 @@
 Targets count where the label is not ignored; a target belongs to the domain of its input token
 (domain id of position t, target t+1), the convention of the training-time evaluation. Tokens of
 unlabelled inputs (domain -1) count overall but in no domain. PPL = exp(mean NLL) in nats.
-Shape legend: B batch, S sequence, D domains.
+Shape suffixes (docs/SHAPES.md): B sequences, S positions, D domains.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ds_moe_div.data.loader import IGNORE_INDEX
 from ds_moe_div.distributed import all_reduce_sum
-from ds_moe_div.model import IGNORE_INDEX
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from ds_moe_div.distributed import (
     main_rank_first,
     set_cpu_threads,
 )
+from ds_moe_div.ds_config import inference_config
 from ds_moe_div.model import MoELanguageModel
 
 DEFAULT_MICRO_BATCH = 8
@@ -122,7 +123,5 @@ def _engine(model: MoELanguageModel, micro: int, world_size: int):
     from deepspeed.accelerator import get_accelerator
 
     on_gpu = get_accelerator().device_name() != "cpu"
-    ds = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1,
-          "train_batch_size": micro * world_size, "steps_per_print": 10**9, "bf16": {"enabled": on_gpu}}
-    engine, *_ = deepspeed.initialize(model=model, config=ds)
+    engine, *_ = deepspeed.initialize(model=model, config=inference_config(micro, world_size, on_gpu=on_gpu))
     return engine, "bf16" if on_gpu else "fp32"

@@ -13,12 +13,12 @@ are restored bit-exactly afterwards (the original is kept and copied back).
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Sequence
 
 import torch
 
 from ds_moe_div.evaluation.heldout import LossSummary
+from ds_moe_div.evaluation.report import mean_std
 
 
 def derangement(num_experts: int, generator: torch.Generator) -> torch.Tensor:
@@ -62,13 +62,9 @@ def permuted_routers(layers: Sequence, perms: Sequence[torch.Tensor | None]):
                 weight.copy_(original)
 
 
-def _mean_std(values: Sequence[float | None]) -> dict:
-    defined = [v for v in values if v is not None]
-    if not defined:
-        return {"mean": None, "std": None}
-    mean = sum(defined) / len(defined)
-    var = sum((v - mean) ** 2 for v in defined) / (len(defined) - 1) if len(defined) > 1 else 0.0
-    return {"mean": mean, "std": math.sqrt(var)}
+def _spread(values) -> dict:
+    mean, std = mean_std(values)
+    return {"mean": mean, "std": std}
 
 
 def _delta(after: float | None, before: float | None) -> float | None:
@@ -78,9 +74,9 @@ def _delta(after: float | None, before: float | None) -> float | None:
 def summarize_deltas(base: LossSummary, permuted: Sequence[LossSummary]) -> dict:
     """{"mean", "std" (sample std over seeds), "per_seed", "per_domain": {name: {"mean", "std"}}}."""
     per_seed = [_delta(p.ppl, base.ppl) for p in permuted]
-    per_domain = {name: _mean_std([_delta(p.per_domain[name].ppl, dom.ppl) for p in permuted])
+    per_domain = {name: _spread([_delta(p.per_domain[name].ppl, dom.ppl) for p in permuted])
                   for name, dom in base.per_domain.items()}
-    return {**_mean_std(per_seed), "per_seed": per_seed, "per_domain": per_domain}
+    return {**_spread(per_seed), "per_seed": per_seed, "per_domain": per_domain}
 
 
 def router_permutation_delta(run_pass: Callable[[], LossSummary], layers: Sequence, layer_ids: Sequence[int],

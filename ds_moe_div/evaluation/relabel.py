@@ -43,11 +43,11 @@ def relabelled_split(cfg: DataConfig, data: PreparedData, split: str, *, column:
     rows = np.flatnonzero(run_split_R == index)
     texts = [text for row, text in iter_documents(source, cfg, run_scan) if run_split_R[row] == index]
     ids, lengths = encode_documents(load_tokenizer(data.tokenizer_path), texts, data.eos_id)
-    domains_D = run_scan.domain_R[rows]
+    domains_R = run_scan.domain_R[rows]
     labels = np.repeat(true_R[rows], lengths).astype(np.int32)
     with tempfile.TemporaryDirectory() as tmp:
-        tokens_NS1, domains_NS1 = _pack(Path(tmp), "tokens", ids, lengths, domains_D, cfg, data, index)
-        labels_NS1, _ = _pack(Path(tmp), "labels", labels, lengths, domains_D, cfg, data, index)
+        tokens_NS1, domains_NS1 = _pack(Path(tmp), "tokens", ids, lengths, domains_R, cfg, data, index)
+        labels_NS1, _ = _pack(Path(tmp), "labels", labels, lengths, domains_R, cfg, data, index)
     reference = data.splits[split]
     if not (np.array_equal(tokens_NS1, reference.tokens_NS1) and np.array_equal(domains_NS1, reference.domains_NS1)):
         raise DataError(f"re-packing the {split!r} split of {cfg.corpus!r} did not reproduce the prepared one "
@@ -77,10 +77,10 @@ def _true_labels(source, cfg: DataConfig, scan, split_R: np.ndarray, run_split_R
     return true_R, tuple(other.scheme.domain_names[d] for d in present.tolist())
 
 
-def _pack(tmp: Path, name: str, ids, lengths, domains_D, cfg: DataConfig, data: PreparedData, index: int):
+def _pack(tmp: Path, name: str, ids, lengths, domains_R, cfg: DataConfig, data: PreparedData, index: int):
     """Pack as prepare_data does (same stream order and row placement); return (tokens, domains) arrays."""
     store = DocStore(tmp / f"{name}.docs.bin")
-    store.add(ids, lengths, domains_D)
+    store.add(ids, lengths, domains_R)
     pack_split(store, tmp, name, packing=cfg.packing, seq_len=cfg.seq_len, pad_id=data.pad_id,
                num_domains=len(data.domain_names), seed=cfg.split_seed + index)
     return np.load(tmp / f"{name}.tokens.npy"), np.load(tmp / f"{name}.domains.npy")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 from ds_moe_div import fileio, rundir
@@ -58,7 +59,20 @@ def fmt_spread(entry: dict, digits: int = 3) -> str:
     return f"{fmt(entry['mean'], digits)} ± {fmt(entry['std'], digits)}"
 
 
+def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample std (n - 1) of the values that are not None: (None, None) without any; the std of
+    a single value is NaN (undefined), never 0."""
+    defined = [float(v) for v in values if v is not None]
+    if not defined:
+        return None, None
+    mean = sum(defined) / len(defined)
+    if len(defined) < 2:
+        return mean, math.nan
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in defined) / (len(defined) - 1))
+
+
 def table(header: list[str], rows: list[list[str]], align: str = "l") -> str:
+    """A markdown table; align "r" right-aligns every column but the first."""
     rule = ["---"] + ["---:" if align == "r" else "---"] * (len(header) - 1)
     lines = [header, rule, *rows]
     return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)

@@ -20,9 +20,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from ds_moe_div import fileio, rundir
+from ds_moe_div.evaluation.report import mean_std, table
 from ds_moe_div.sweep.config import EvalSpec
 from ds_moe_div.sweep.plan import RunSpec
 
@@ -106,11 +105,6 @@ def collect(runs: list[RunSpec], spec: EvalSpec) -> list[RunResult]:
     return results
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    array = np.asarray(values, dtype=float)
-    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else math.nan
-
-
 def _same_held_out(run: RunResult, reference: RunResult) -> bool:
     """Both losses were measured on the same held-out tokens (not, e.g., a fine-tuning run on one domain
     against its pretrained parent on all of them)."""
@@ -132,12 +126,12 @@ def summarise(results: list[RunResult], *, variants, reference: str | None) -> l
         if not runs:
             continue
         keys = list(dict.fromkeys(k for r in runs for k in r.metrics))
-        stats = {k: _mean_std([r.metrics[k] for r in runs if k in r.metrics]) for k in keys}
+        stats = {k: mean_std([r.metrics[k] for r in runs if k in r.metrics]) for k in keys}
         diffs = [r.metrics["lm_loss"] - ref[r.seed].metrics["lm_loss"] for r in runs
                  if r.seed in ref and _same_held_out(r, ref[r.seed])]
         summaries.append(VariantSummary(variant, [r.seed for r in runs], {k: v[0] for k, v in stats.items()},
                                         {k: v[1] for k, v in stats.items()},
-                                        _mean_std(diffs) if diffs and variant != reference else None))
+                                        mean_std(diffs) if diffs and variant != reference else None))
     return summaries
 
 
@@ -145,11 +139,6 @@ def _cell(mean: float | None, std: float | None) -> str:
     if mean is None or math.isnan(mean):
         return ""
     return f"{mean:.4g}" if std is None or math.isnan(std) else f"{mean:.4g} ± {std:.2g}"
-
-
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
 
 
 def _by_metric(summaries: list[VariantSummary], metrics: list[str]) -> list[list[str]]:
@@ -166,7 +155,7 @@ def markdown(summaries: list[VariantSummary], results: list[RunResult], *, title
     rows = [[s.variant, str(len(s.seeds)), _cell(s.mean.get("lm_loss"), s.std.get("lm_loss")),
              _cell(*s.delta_to_reference) if s.delta_to_reference else ""]
             + [_cell(s.mean.get(m), s.std.get(m)) for m, _ in HEADLINE[1:]] for s in summaries]
-    text += ["## LM loss, specialisation and routing\n", _md_table(header, rows)]
+    text += ["## LM loss, specialisation and routing\n", table(header, rows) + "\n"]
     domains = list(dict.fromkeys(k for s in summaries for k in s.mean if k.startswith("ppl/")))
     if len(domains) > MAX_DOMAIN_COLUMNS:
         note = (f"{len(domains)} domains: see comparison.csv (set the sweep's eval.domain_column to compare "
@@ -176,12 +165,12 @@ def markdown(summaries: list[VariantSummary], results: list[RunResult], *, title
         note = ("A variant evaluated with another label scheme (e.g. subdomain labels) has its own columns; "
                 "blanks are domains it does not have.\n")
         text += ["## Per-domain PPL\n", note,
-                 _md_table(["variant", "n"] + [d[4:] for d in domains], _by_metric(summaries, domains))]
+                 table(["variant", "n"] + [d[4:] for d in domains], _by_metric(summaries, domains)) + "\n"]
     layers = list(dict.fromkeys(k for s in summaries for k in s.mean if k.startswith("delta_ppl/layer_")))
     if layers:
         text += ["## Router-permutation ΔPPL per MoE layer\n",
-                 _md_table(["variant", "n"] + [k.split("/")[1] for k in layers] + ["all layers"],
-                           _by_metric(summaries, layers + ["delta_ppl/all_layers"]))]
+                 table(["variant", "n"] + [k.split("/")[1] for k in layers] + ["all layers"],
+                       _by_metric(summaries, layers + ["delta_ppl/all_layers"])) + "\n"]
     text += [f"![{Path(f).stem}]({f})\n" for f in figures]
     return "\n".join(text)
 

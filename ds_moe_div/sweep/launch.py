@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,20 +25,12 @@ from pathlib import Path
 
 from ds_moe_div import fileio, rundir
 from ds_moe_div.config_loader import apply_overrides
+from ds_moe_div.distributed import deepspeed_executable
 from ds_moe_div.ds_config import scheduler_has_length
 from ds_moe_div.sweep.config import REPO_ROOT, EvalSpec
 from ds_moe_div.sweep.plan import Plan, RunSpec
 
 TRAIN_SCRIPT = REPO_ROOT / "scripts" / "train.py"
-def deepspeed_executable() -> str:
-    local = Path(sys.executable).parent / "deepspeed"
-    found = str(local) if local.is_file() else shutil.which("deepspeed")
-    if found is None:
-        raise FileNotFoundError("the deepspeed launcher is not installed next to this Python nor on PATH; "
-                                "install deepspeed (bash scripts/setup_env.sh)")
-    return found
-
-
 def write_ds_config(plan: Plan, run: RunSpec) -> Path:
     """The sweep's DeepSpeed file, with a length-dependent scheduler's total_num_steps = the run's train.steps
     when the sweep says so (written out, so that the run dir records the schedule it trained with)."""

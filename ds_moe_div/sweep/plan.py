@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ds_moe_div import rundir
 from ds_moe_div.config import ExperimentConfig, load_experiment
-from ds_moe_div.config_loader import ConfigError, to_dict
+from ds_moe_div.config_loader import ConfigError, flatten, to_dict
 from ds_moe_div.sweep.config import (
     EvalSpec,
     SweepConfig,
@@ -139,20 +139,11 @@ def select(plan: Plan, only=None) -> list[RunSpec]:
     return [run for run in plan.runs if run.variant in wanted]
 
 
-def _flatten(tree, prefix: str = "") -> dict:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    flat = {}
-    for key, value in tree.items():
-        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else key))
-    return flat
-
-
 def config_differences(run: RunSpec, saved: dict) -> list[str]:
     """Keys whose values differ. A key the saved config lacks counts as its default value: the run was
     written before that setting existed, when it behaved as the default does."""
-    planned, saved = _flatten(to_dict(run.config)), _flatten(saved)
-    defaults = _flatten(to_dict(ExperimentConfig()))
+    planned, saved = flatten(to_dict(run.config)), flatten(saved)
+    defaults = flatten(to_dict(ExperimentConfig()))
     saved = {k: saved.get(k, defaults.get(k)) for k in set(planned) | set(saved)}
     keys = sorted(set(saved) - set(IGNORED_KEYS))
     return [f"{k}: run dir {saved.get(k)!r}, sweep {planned.get(k)!r}" for k in keys if planned.get(k) != saved.get(k)]
