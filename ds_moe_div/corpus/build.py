@@ -6,6 +6,11 @@ Writes <out>/corpus.jsonl.gz (one JSON document per line: text, domain, group, s
 license), <out>/manifest.json (packages fetched: registry, name, version, file, sha256) and
 <out>/stats.json (per subdomain: documents, bytes, duplicates dropped, or why it is missing). The
 `source` field says where a document came from and reveals its label: never feed it to the model.
+
+A subdomain that produces nothing (a package that cannot be fetched, an unreadable file) fails the
+build by default, naming each one and why: the label set must not differ silently between machines.
+`allow_missing=True` (`--allow-missing`) builds the rest and lists the missing ones as warnings in
+stats.json and manifest.json.
 """
 
 from __future__ import annotations
@@ -52,20 +57,28 @@ class SubdomainResult:
     seconds: float = 0.0  # fetch + read + split + dedup time
 
 
-class PackageCache:
-    """Fetches packages on demand and serves readers their unpacked roots and archive paths."""
+class IncompleteCorpusError(RuntimeError):
+    """Some subdomains produced no documents; the message names each one, why, and the way out."""
 
-    def __init__(self, cache_dir: Path) -> None:
+
+class PackageCache:
+    """Fetches packages on demand and serves readers their unpacked roots and archive paths.
+
+    One per build: it holds the build's apt state (package lists refreshed at most once).
+    """
+
+    def __init__(self, cache_dir: Path, apt_refresh: str = "auto") -> None:
         self.cache_dir = cache_dir
         self.records: dict[tuple[str, str], registry.Fetched] = {}
         self.downloaded: list[str] = []
+        self.apt = registry.apt_lists(apt_refresh)
 
     def ensure(self, packages: Iterable[tuple[str, str]]) -> None:
         for reg, name in packages:
             if (reg, name) not in self.records:
                 record = registry.cached(reg, name, self.cache_dir)
                 if record is None:
-                    record = registry.fetch(reg, name, self.cache_dir)
+                    record = registry.fetch(reg, name, self.cache_dir, self.apt)
                     self.downloaded.append(f"{reg}:{name}")
                 self.records[(reg, name)] = record
 
@@ -173,6 +186,21 @@ def write_json(path: Path, obj) -> None:
     fileio.write_json(path, obj, indent=1, sort_keys=True)
 
 
+def check_missing(results: list[SubdomainResult], cache: PackageCache, allow_missing: bool) -> None:
+    missing = {r.source.subdomain: r.missing for r in results if r.missing}
+    if not missing:
+        return
+    lines = "\n".join(f"  {name}: {why}" for name, why in missing.items())
+    if not allow_missing:
+        raise IncompleteCorpusError(
+            f"{len(missing)} subdomain(s) produced no documents, so the label set would differ from "
+            f"other machines':\n{lines}\nPackage lists: {cache.apt.summary()['lists']}. Fix the cause "
+            "(e.g. 'apt-get update' as root, network access), or build without them with --allow-missing "
+            "(allow_missing=True): they are then listed as warnings in stats.json and manifest.json."
+        )
+    tqdm.write(f"WARNING: building without {len(missing)} subdomain(s) (--allow-missing):\n{lines}")
+
+
 def shuffled(results: list[SubdomainResult], seed: int = SHUFFLE_SEED) -> list[dict]:
     """All documents in one seeded random order, so rows of a subdomain are not contiguous."""
     documents = [doc for result in results for doc in result.documents]
@@ -190,16 +218,22 @@ def build_corpus(
     show_progress: bool = True,
     max_doc_chars: int | None = None,
     min_doc_chars: int = MIN_DOC_CHARS,
+    allow_missing: bool = False,
+    apt_refresh: str = "auto",
 ) -> Path:
     """Build the corpus into `out_dir` and return the path of corpus.jsonl.gz.
 
-    Subdomains whose inputs cannot be fetched or read are listed under `missing` in stats.json and the
-    rest still builds; it raises only when no subdomain produced a document.
+    A subdomain whose inputs cannot be fetched or read raises `IncompleteCorpusError` (after all were
+    tried, before anything is written); with `allow_missing` the rest builds and the missing ones are
+    listed under `missing` and `warnings` in stats.json. No subdomain at all raises in both cases.
+    `apt_refresh`: "auto" (apt-get update once before the first Debian download, when root), "always",
+    "never".
     """
     start = time.monotonic()
     out_dir = Path(out_dir)
     cache = PackageCache(
-        Path(cache_dir).expanduser() if cache_dir else registry.default_cache_dir()
+        Path(cache_dir).expanduser() if cache_dir else registry.default_cache_dir(),
+        apt_refresh,
     )
     sources = select(tier, subdomains)
     max_bytes = int(mb_per_subdomain * 1e6)
@@ -222,6 +256,7 @@ def build_corpus(
         raise RuntimeError(
             f"no subdomain produced documents: { {r.source.subdomain: r.missing for r in results} }"
         )
+    check_missing(results, cache, allow_missing)
     settings = {
         "tier": tier,
         "mb_per_subdomain": mb_per_subdomain,
@@ -229,6 +264,7 @@ def build_corpus(
         "max_doc_chars": max_doc_chars,
         "min_doc_chars": min_doc_chars,
         "shuffle_seed": SHUFFLE_SEED,
+        "allow_missing": allow_missing,
     }
     corpus_path = out_dir / CORPUS_FILE
     write_jsonl_gz(corpus_path, shuffled(results))
@@ -236,6 +272,6 @@ def build_corpus(
     digest = registry.sha256_file(corpus_path)
     write_json(
         out_dir / STATS_FILE,
-        report.stats(results, settings, time.monotonic() - start, digest),
+        report.stats(results, settings, time.monotonic() - start, digest, report.warnings(results, cache)),
     )
     return corpus_path

@@ -48,6 +48,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--min-doc-chars", type=int, default=64, help="drop documents shorter than this"
     )
+    parser.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="build even if some subdomains produce nothing (listed as warnings in stats.json); "
+        "default: fail, so the label set never differs silently between machines",
+    )
+    parser.add_argument(
+        "--apt-refresh",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="apt-get update once before the first Debian download: auto = when root (default)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
@@ -63,12 +75,14 @@ def main(argv: list[str] | None = None) -> int:
         show_progress=not args.quiet,
         max_doc_chars=args.max_doc_chars,
         min_doc_chars=args.min_doc_chars,
+        allow_missing=args.allow_missing,
+        apt_refresh=args.apt_refresh,
     )
     stats = json.loads((path.parent / STATS_FILE).read_text())
     print(
         f"wrote {path}: {stats['documents']} documents, {stats['bytes'] / 1e6:.1f} MB of text, "
         f"{stats['build_seconds']} s"
     )
-    for subdomain, why in stats["missing"].items():
-        print(f"missing {subdomain}: {why}")
+    for line in stats["warnings"]:
+        print(f"WARNING: {line}")
     return 0

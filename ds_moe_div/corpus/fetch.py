@@ -5,6 +5,7 @@ Nothing is installed: a .deb is unpacked with `dpkg-deb -x` into the cache. Each
 never downloaded again, so a second build downloads nothing.
 
 Cache layout: <cache>/<registry>/<safe name>/{record.json, <file>, root/ (unpacked .deb)}.
+Debian downloads go through `apt.AptLists` (lists refreshed once per build, recorded version fallback).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ds_moe_div import fileio
+from ds_moe_div.corpus.apt import AptLists
 
 DEFAULT_CACHE = Path("~/.cache/ds_moe_div/registry")
 FETCH_TIMEOUT_S = 600
@@ -39,6 +41,7 @@ class Fetched:
     file: str
     sha256: str
     size: int
+    note: str | None = None  # e.g. the version that replaced an undownloadable Debian candidate
 
     def path(self, cache_dir: Path) -> Path:
         return package_dir(cache_dir, self.registry, self.name) / self.file
@@ -84,10 +87,16 @@ def _run(cmd: list[str], cwd: Path, what: str) -> str:
     return proc.stdout
 
 
-def _download(registry: str, name: str, dest: Path) -> None:
+def apt_lists(refresh: str = "auto") -> AptLists:
+    """The apt state of one build (see apt.py); fetch() makes a throwaway one when given none."""
+    return AptLists(_run, refresh=refresh)
+
+
+def _download(registry: str, name: str, dest: Path, apt: AptLists | None = None) -> str | None:
+    """Download one package into dest; returns a note when a fallback version was used."""
     what = f"{registry}:{name}"
     if registry == "debian":
-        _run(["apt-get", "download", name], dest, what)
+        return (apt or apt_lists()).download(name, dest)
     elif registry == "pypi":
         cmd = [
             sys.executable,
@@ -106,6 +115,7 @@ def _download(registry: str, name: str, dest: Path) -> None:
         _run(["npm", "pack", "--silent", name], dest, what)
     else:
         raise ValueError(f"unknown registry {registry!r}; expected one of {REGISTRIES}")
+    return None
 
 
 def _version_of(registry: str, name: str, file: str) -> str:
@@ -129,7 +139,7 @@ def cached(registry: str, name: str, cache_dir: Path) -> Fetched | None:
     return None
 
 
-def fetch(registry: str, name: str, cache_dir: Path) -> Fetched:
+def fetch(registry: str, name: str, cache_dir: Path, apt: AptLists | None = None) -> Fetched:
     """Return the cached package, downloading it first only if it is not cached yet."""
     record = cached(registry, name, cache_dir)
     if record is not None:
@@ -138,7 +148,7 @@ def fetch(registry: str, name: str, cache_dir: Path) -> Fetched:
     record_path = pkg_dir / "record.json"
     pkg_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=pkg_dir, prefix=".download.") as tmp:
-        _download(registry, name, Path(tmp))
+        note = _download(registry, name, Path(tmp), apt)
         files = sorted(p for p in Path(tmp).iterdir() if p.is_file())
         if len(files) != 1:
             raise FetchError(
@@ -152,6 +162,7 @@ def fetch(registry: str, name: str, cache_dir: Path) -> Fetched:
             got.name,
             sha256_file(got),
             got.stat().st_size,
+            note,
         )
         os.replace(got, pkg_dir / got.name)
     fileio.write_text(record_path, json.dumps(asdict(record), indent=1))

@@ -23,18 +23,28 @@ def manifest(
             r.source.subdomain: sorted(
                 {
                     f"{reg}:{name}"
-                    for part in r.source.parts
+                    for part in r.source.parts_for(settings["tier"])
                     for reg, name in part.packages
                 }
             )
             for r in results
         },
         "downloaded_this_run": sorted(cache.downloaded),
+        "apt": cache.apt.summary(),
+        "warnings": warnings(results, cache),
     }
 
 
+def warnings(results: list[SubdomainResult], cache: PackageCache) -> list[str]:
+    """Everything that makes this build differ from a complete one on a current mirror."""
+    lines = [f"missing subdomain {r.source.subdomain}: {r.missing}" for r in results if r.missing]
+    lines += [f"debian:{r.name} {r.version}: {r.note}" for r in cache.records.values() if r.note]
+    return sorted(lines)
+
+
 def stats(
-    results: list[SubdomainResult], settings: dict, seconds: float, corpus_sha256: str
+    results: list[SubdomainResult], settings: dict, seconds: float, corpus_sha256: str,
+    warning_lines: list[str] | None = None,
 ) -> dict:
     rows = {}
     totals: dict[str, dict[str, dict[str, int]]] = {"domain": {}, "group": {}}
@@ -64,6 +74,11 @@ def stats(
         "build_seconds": round(seconds, 1),
         "corpus_sha256": corpus_sha256,
         "missing": {r.source.subdomain: r.missing for r in results if r.missing},
+        "warnings": warning_lines or [],
+        "labels": {
+            level: sorted({getattr(r.source, level) for r in results if r.documents})
+            for level in ("domain", "group", "subdomain")
+        },
         "totals": totals,
         "subdomains": rows,
     }
