@@ -147,3 +147,79 @@ def test_activation_checkpointing_changes_no_loss_statistic_or_gradient(k, capac
     assert grads_on.keys() == grads_off.keys() and any("gate" in n for n in grads_off)
     for name in grads_off:
         torch.testing.assert_close(grads_on[name], grads_off[name], rtol=1e-6, atol=1e-8, msg=name)
+
+
+def _checkpointing_on_ep2_ranks(rank, world_size, run_dir):
+    """One micro-batch forward/backward on an EP=2 engine, without and then with activation checkpointing
+    (same weights, same batch, same RNG): losses, records, reduced routing statistics and local gradients."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from ds_moe_div.config import load_experiment
+    from ds_moe_div.metrics.accumulator import RoutingAccumulator
+    from ds_moe_div.session import build
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_experiment(root / "ds_configs/experiments/smoke.json",
+                          [f"train.run_dir={run_dir}", "train.show_progress=false", "model.moe.ep_size=2",
+                           "model.moe.capacity_factor=1.0"])
+    ds = json.loads((root / "ds_configs/ds_zero2_cpu.json").read_text())
+    ds["zero_optimization"] = {"stage": 0}  # ZeRO-2's gradient hooks would move .grad into its buffers
+    state = build(cfg, ds)
+    model, composer = state.engine.module, state.composer
+    batch = next(state.train_iter)
+    moe = cfg.model.moe
+    runs = []
+    for recompute in (False, True):
+        model.cfg = dataclasses.replace(model.cfg, activation_checkpointing=recompute)
+        calls = []
+        hooks = [layer.gate.register_forward_hook(lambda *_, calls=calls: calls.append(1))
+                 for layer in model.moe_layers()]
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(11)
+        out = state.engine(batch["input_ids"], labels_BS=batch["labels"],
+                           collect_expert_outputs=composer.needs_expert_outputs)
+        losses = composer(out, domain_ids_BS=batch["domain_ids"], step=0)
+        losses.total.backward()  # plain autograd: the expert all-to-all's backward crosses the ranks
+        acc = RoutingAccumulator(num_layers=len(out.routing), num_domains=len(state.data.domain_names),
+                                 num_experts=moe.num_experts, k=moe.k, layer_ids=[r.layer_id for r in out.routing])
+        acc.add(out.routing, batch["domain_ids"])
+        for hook in hooks:
+            hook.remove()
+        runs.append({
+            "calls": len(calls), "total": float(losses.total),
+            "per_layer": {n: v.detach().clone() for n, v in losses.per_layer.items()},
+            "indices": [r.indices_TK.clone() for r in out.routing],
+            "probs": [r.probs_TE.detach().clone() for r in out.routing],
+            "stats": acc.reduce().per_layer(),
+            "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}})
+    return runs
+
+
+@pytest.mark.slow
+def test_activation_checkpointing_with_expert_parallel_ranks(tmp_path):
+    """EP=2 on 2 gloo ranks: the recomputation reruns the expert all-to-all in backward, yet losses,
+    routing records, the reduced routing statistics and every gradient equal the run without it."""
+    from tests.dist_utils import run_on_ranks
+
+    results = run_on_ranks(_checkpointing_on_ep2_ranks, world_size=2, args=(str(tmp_path / "run"),), timeout=300)
+    for off, on in results:
+        assert (off["calls"], on["calls"]) == (2, 4)  # 2 MoE layers; recomputed once each
+        assert on["total"] == off["total"]
+        assert off["per_layer"].keys() == on["per_layer"].keys() and len(off["per_layer"]) == 5
+        for name in off["per_layer"]:
+            torch.testing.assert_close(on["per_layer"][name], off["per_layer"][name], rtol=0, atol=0)
+        for a, b in zip(on["indices"], off["indices"]):
+            assert torch.equal(a, b)
+        for a, b in zip(on["probs"], off["probs"]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        for name in off["stats"]:
+            torch.testing.assert_close(on["stats"][name], off["stats"][name], rtol=0, atol=0, equal_nan=True)
+        assert on["grads"].keys() == off["grads"].keys()
+        assert any("deepspeed_experts" in n for n in off["grads"]) and any("gate" in n for n in off["grads"])
+        for name in off["grads"]:
+            torch.testing.assert_close(on["grads"][name], off["grads"][name], rtol=1e-6, atol=1e-8, msg=name)
+    # The two ranks hold different experts (EP=2) but reduce to the same statistics.
+    for name in results[0][0]["stats"]:
+        torch.testing.assert_close(results[0][0]["stats"][name], results[1][0]["stats"][name], equal_nan=True)
