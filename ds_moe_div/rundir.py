@@ -185,6 +185,6 @@ def resolve_report(path, *, split: str, column: str | None = None) -> Path:
         return report_path(p)
     found = find_report(p, split=split, column=column)
     if found is None:
-        raise FileNotFoundError(f"no {split!r} report under {p / EVAL}; run `ds-moe-div eval --run-dir {p}` "
+        raise FileNotFoundError(f"no {split!r} report under {p / EVAL}; run `python -m ds_moe_div eval --run-dir {p}` "
                                 f"(with --split {split}) first, or pass a {REPORT}")
     return found

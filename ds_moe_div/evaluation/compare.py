@@ -1,4 +1,4 @@
-"""`ds-moe-div compare`: several runs' evaluation reports side by side, the first one as the baseline.
+"""`python -m ds_moe_div compare`: several runs' evaluation reports side by side, the first one as the baseline.
 
     python -m ds_moe_div compare runs/baseline runs/ed_0.01 [--names baseline ed] [--split test]
         [--domain-column COL] [--out DIR]
@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from ds_moe_div import fileio, rundir
+from ds_moe_div.cli import prog
 from ds_moe_div.config_loader import flatten
 from ds_moe_div.evaluation.report import (
     SPECIALISATION_METRICS,
@@ -118,7 +119,7 @@ def compare(paths: list, *, names: list[str] | None = None, split: str = "test",
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="ds-moe-div compare", description=__doc__,
+    parser = argparse.ArgumentParser(prog=prog("compare"), description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run dirs, eval dirs or report.json files; the first is the baseline")
     parser.add_argument("--names", nargs="+", help="column names (default: the run directory names)")

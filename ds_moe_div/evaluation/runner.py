@@ -1,4 +1,4 @@
-"""`ds-moe-div eval`: evaluate one checkpoint on held-out text, on 1 or N ranks.
+"""`python -m ds_moe_div eval`: evaluate one checkpoint on held-out text, on 1 or N ranks.
 
     python -m ds_moe_div eval --run-dir runs/tiny [--checkpoint global_step200] [--split test]
         [--max-batches 32|all] [--permutation-seeds 3] [--domain-column group] [--as-trained-labels]
@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from ds_moe_div import rundir
 from ds_moe_div.checkpoint import CheckpointError, tokenizer_digest
+from ds_moe_div.cli import prog
 from ds_moe_div.config_loader import ConfigError
 from ds_moe_div.data import BatchLoader, DataError
 from ds_moe_div.evaluation.heldout import heldout_sums, summarize
@@ -55,7 +56,7 @@ def _max_batches(text: str) -> int | None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="ds-moe-div eval", description=__doc__,
+    parser = argparse.ArgumentParser(prog=prog("eval"), description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", help="the run directory (its latest checkpoint unless --checkpoint)")
     parser.add_argument("--checkpoint", help="a tag of the run (global_step200) or a checkpoint path")

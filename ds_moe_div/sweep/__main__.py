@@ -1,4 +1,4 @@
-"""python -m ds_moe_div.sweep SWEEP.json [--quick] [--dry-run] [--only VARIANT ...]"""
+"""python -m ds_moe_div sweep SWEEP.json [--quick] [--dry-run] [--only VARIANT ...]"""
 import sys
 
 from ds_moe_div.sweep.cli import main

@@ -1,7 +1,7 @@
 """Run a sweep: every (variant, seed) through the deepspeed launcher, evaluate, compare.
 
-    python -m ds_moe_div.sweep ds_configs/sweeps/objectives.json [--quick] [--dry-run] [--only VARIANT ...]
-    python -m ds_moe_div.sweep ds_configs/sweeps/objectives.json --aggregate-only   # tables + plots only
+    python -m ds_moe_div sweep ds_configs/sweeps/objectives.json [--quick] [--dry-run] [--only VARIANT ...]
+    python -m ds_moe_div sweep ds_configs/sweeps/objectives.json --aggregate-only   # tables + plots only
 
 Finished runs are skipped, interrupted ones resumed (rerunning the same command continues a sweep);
 a failed run is reported and the others go on; the exit code is 1 when any run failed. Outputs in the
@@ -19,6 +19,7 @@ import threading
 from pathlib import Path
 
 from ds_moe_div import rundir
+from ds_moe_div.cli import prog
 from ds_moe_div.config_loader import ConfigError
 from ds_moe_div.sweep.aggregate import collect, summarise, write_tables
 from ds_moe_div.sweep.config import load_sweep
@@ -28,7 +29,7 @@ from ds_moe_div.sweep.plots import plot_all
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m ds_moe_div.sweep", description=__doc__,
+    parser = argparse.ArgumentParser(prog=prog("sweep"), description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep", type=Path, help="sweep file (ds_configs/sweeps/*.json)")
     parser.add_argument("--quick", action="store_true", help="the sweep's small 'quick' version (CPU, minutes)")
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
         from ds_moe_div.sweep.runner import eval_available, execute
 
         if not eval_available():
-            print("warning: this install has no `ds-moe-div eval` command: runs are trained, their evaluation "
+            print("warning: this install has no `python -m ds_moe_div eval` command: runs are trained, their evaluation "
                   "fails; rerun the sweep once it exists to evaluate them", file=sys.stderr)
         import torch
 

@@ -75,7 +75,7 @@ def _evaluate(plan: Plan, run: RunSpec, slot, procs: Processes, on_cpu: bool) ->
     log = rundir.train_log(run.run_dir)
     rc = procs.run_logged(eval_command(run, plan.eval), log, env, "eval")
     if rc != 0:
-        hint = "" if eval_available() else " (this install has no `ds-moe-div eval` command yet)"
+        hint = "" if eval_available() else " (this install has no `python -m ds_moe_div eval` command yet)"
         return (f"evaluation failed (exit {rc}){hint}; see {log}. The checkpoint is kept: "
                 "rerun the sweep to evaluate it")
     if rundir.find_report(run.run_dir, split=plan.eval.split, column=plan.eval.domain_column, step=run.steps) is None:
