@@ -126,11 +126,14 @@ def test_heatmaps_are_skipped_when_no_report_lists_them(tmp_path):
 def test_aggregate_only_and_dry_run_from_the_command_line(plan, capsys):
     assert main([str(plan.sweep_file), "--aggregate-only"]) == 0
     assert (plan.output_dir / "comparison.md").is_file()
-    assert main([str(plan.sweep_file), "--dry-run", "--only", "c"]) == 0
+    assert main([str(plan.sweep_file), "--dry-run", "--only", "c", "--verbose"]) == 0
     out = capsys.readouterr().out
     assert "c/seed0: fresh" in out and "a/seed0" not in out and "--override train.seed=0" in out
     assert main([str(plan.sweep_file), "--dry-run"]) == 0
-    assert "a/seed0: finished" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.startswith(("a ", "b ", "c "))]
+    assert ["a", "0", "done", "a/seed0"] in rows and len(rows) == len(plan.runs)
+    assert "--override" not in out and max(len(line) for line in out.splitlines()) < 200
     assert main([str(plan.sweep_file), "--only", "zz"]) == 2
 
 

@@ -33,16 +33,49 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep", type=Path, help="sweep file (ds_configs/sweeps/*.json)")
     parser.add_argument("--quick", action="store_true", help="the sweep's small 'quick' version (CPU, minutes)")
-    parser.add_argument("--dry-run", action="store_true", help="print the runs, their states and commands; run nothing")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print one line per run (variant, seed, state, run dir); run nothing")
+    parser.add_argument("--verbose", action="store_true", help="with --dry-run: also each run's commands")
     parser.add_argument("--only", nargs="+", metavar="VARIANT", help="run only these variants (and those they start from)")
     parser.add_argument("--aggregate-only", action="store_true", help="only rebuild the tables and plots")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
 
-def print_plan(plan: Plan, runs) -> None:
+# The dry run's state column: new (nothing trained), partial (a checkpoint before train.steps), trained
+# (needs its evaluation), done (trained and evaluated), conflict (left alone, see the detail).
+STATE_LABELS = {State.FRESH: "new", State.RESUME: "partial", State.NEEDS_EVAL: "trained", State.FINISHED: "done",
+                State.CONFLICT: "conflict"}
+
+
+def plan_lines(plan: Plan, runs) -> list[str]:
+    """One line per run: variant, seed, state, run dir (relative to the sweep's output_dir), and the step or
+    the conflict when there is one."""
+    rows = []
+    for run in runs:
+        status = detect(run, plan.eval)
+        note = status.detail if status.state in (State.RESUME, State.CONFLICT) else ""
+        rows.append((run.variant, str(run.seed), STATE_LABELS[status.state], _shown(run.run_dir, plan.output_dir), note))
+    header = ("variant", "seed", "state", "run dir", "")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + (f"  {row[4]}" if row[4] else "")
+            for row in [header, *rows]]
+
+
+def _shown(path: Path, base: Path) -> str:
+    try:
+        return str(path.relative_to(base))
+    except ValueError:
+        return str(path)
+
+
+def print_plan(plan: Plan, runs, *, verbose: bool = False) -> None:
     print(f"sweep {plan.sweep.name}{' (quick)' if plan.quick else ''}: {len(runs)} runs -> {plan.output_dir}\n"
-          f"  base config: {plan.base_config}\n  deepspeed:   {plan.deepspeed_config} ({plan.sweep.num_ranks} ranks)")
+          f"  base config: {plan.base_config}\n  deepspeed:   {plan.deepspeed_config} ({plan.sweep.num_ranks} ranks)\n")
+    print("\n".join(line.rstrip() for line in plan_lines(plan, runs)))
+    if not verbose:
+        print("\n(--verbose also prints each run's train and eval commands)")
+        return
     for run in runs:
         status = detect(run, plan.eval)
         print(f"\n{run.key}: {status.state.value} - {status.detail}")
@@ -78,7 +111,7 @@ def main(argv=None) -> int:
         print(f"ds_moe_div.sweep: error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
-        print_plan(plan, runs)
+        print_plan(plan, runs, verbose=args.verbose)
         return 0
     failed = []
     if not args.aggregate_only:
