@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from ds_moe_div import checkpoint, fileio, rundir
+from ds_moe_div import checkpoint, config_paths, fileio, rundir
 from ds_moe_div.composer import ObjectiveComposer
 from ds_moe_div.config import ExperimentConfig
 from ds_moe_div.config_loader import dump_config, to_dict
@@ -78,6 +78,7 @@ class TrainState:
 
 
 def build(cfg: ExperimentConfig, ds: dict) -> TrainState:
+    cfg = config_paths.absolute(cfg)  # config.json and checkpoints name the data wherever eval runs from
     info = init_distributed()
     set_cpu_threads(info)
     from deepspeed.accelerator import get_accelerator

@@ -6,9 +6,9 @@
 The experiment config is rebuilt from the checkpoint's run_config.json. ep_size falls back to 1 when it
 does not divide the world size: module-only loading works across EP sizes (one file per global expert).
 The engine gets a minimal DeepSpeed config (micro batch only, bf16 on GPU), never an optimizer.
-Relative data paths in the config (corpus_dir, ...) are relative to where the run was launched: when
-train.run_dir was relative, that directory is the run dir minus it, and the data is prepared from there
-(the paths are not rewritten: they are part of the data cache key).
+Data and tokenizer paths are found with `config_paths.locate`: runs store them absolute; relative ones
+(older runs) resolve against the directory the run was launched from, the run dir, then the cwd; a path
+that is nowhere fails naming it and the fix (`eval --override data.corpus_dir=...`).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ds_moe_div import checkpoint, rundir
+from ds_moe_div import checkpoint, config_paths, rundir
 from ds_moe_div.config import ExperimentConfig
 from ds_moe_div.config_loader import from_dict, to_dict
 from ds_moe_div.data import PreparedData, prepare_data
@@ -72,15 +72,6 @@ def default_micro_batch(cfg: ExperimentConfig, run_dir: Path) -> int:
         return DEFAULT_MICRO_BATCH
 
 
-def launch_dir(cfg: ExperimentConfig, run_dir: Path) -> Path:
-    """The directory the run was launched from (the current one unless the run dir tells otherwise)."""
-    relative = Path(cfg.train.run_dir)
-    run_dir = run_dir.resolve()
-    if relative.is_absolute() or run_dir.parts[-len(relative.parts):] != relative.parts:
-        return Path.cwd()
-    return run_dir.parents[len(relative.parts) - 1]
-
-
 @contextlib.contextmanager
 def working_dir(path: Path):
     previous = Path.cwd()
@@ -91,16 +82,19 @@ def working_dir(path: Path):
         os.chdir(previous)
 
 
-def load_for_eval(path, *, micro_batch_size: int | None = None, show_progress: bool = True) -> LoadedCheckpoint:
-    """Collective: every rank calls it. Initialises torch.distributed if needed."""
+def load_for_eval(path, *, micro_batch_size: int | None = None, show_progress: bool = True,
+                  path_overrides: dict[str, str] | None = None) -> LoadedCheckpoint:
+    """Collective: every rank calls it. Initialises torch.distributed if needed. `path_overrides`
+    ({"data.corpus_dir": "/new/place"}) point a run at data that moved."""
     root, tag = checkpoint.resolve_checkpoint(path)
     tag_dir = (root / tag).resolve()
     run_config = rundir.read_run_config(tag_dir)
+    saved, base = config_paths.locate(run_config["config"], run_dir=rundir.run_dir_of(tag_dir),
+                                      overrides=path_overrides)
     info = init_distributed()
     set_cpu_threads(info)
-    cfg = eval_config(run_config["config"], info.world_size)
+    cfg = eval_config(saved, info.world_size)
     micro = micro_batch_size or default_micro_batch(cfg, rundir.run_dir_of(tag_dir))
-    base = launch_dir(cfg, rundir.run_dir_of(tag_dir))
     with main_rank_first(info), working_dir(base):
         data = prepare_data(cfg.data, show_progress=show_progress and info.is_main)
     vocab = int(run_config["architecture"]["vocab_size"])
@@ -113,7 +107,7 @@ def load_for_eval(path, *, micro_batch_size: int | None = None, show_progress: b
     arch = checkpoint.architecture(to_dict(cfg.model), vocab, tokenizer=data.tokenizer_path)
     checkpoint.load(engine, tag_dir, arch=arch, rank=info.rank, module_only=True)
     engine.eval()
-    return LoadedCheckpoint(tag_dir=tag_dir, step=int(run_config.get("step", 0)), saved_config=run_config["config"],
+    return LoadedCheckpoint(tag_dir=tag_dir, step=int(run_config.get("step", 0)), saved_config=saved,
                             cfg=cfg, info=info, engine=engine, model=model, data=data, micro_batch_size=micro,
                             dtype=dtype, launch_dir=base)
 

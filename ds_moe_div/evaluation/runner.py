@@ -34,6 +34,7 @@ from ds_moe_div import rundir
 from ds_moe_div.checkpoint import CheckpointError, tokenizer_digest
 from ds_moe_div.cli import prog
 from ds_moe_div.config_loader import ConfigError
+from ds_moe_div.config_paths import parse_overrides
 from ds_moe_div.data import BatchLoader, DataError
 from ds_moe_div.evaluation.heldout import heldout_sums, summarize
 from ds_moe_div.evaluation.loading import LoadedCheckpoint, load_for_eval, working_dir
@@ -74,6 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", help="output directory (default <run>/eval/<tag>[-<split>][-by-<column>])")
     parser.add_argument("--tensorboard", action="store_true", help="also log to <out>/tensorboard")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=PATH",
+                        help="point the run at data that moved, e.g. data.corpus_dir=/data/builtin (repeatable; "
+                        "data.corpus, data.corpus_dir, data.label_map, data.tokenizer.path, data.cache_dir)")
     parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     args = parser.parse_args(argv)
     if not (args.run_dir or args.checkpoint):
@@ -127,7 +131,8 @@ def evaluate(args) -> dict:
     """Collective: every rank runs it; rank 0 writes the report. Returns the report (every rank)."""
     started = time.perf_counter()
     show = not args.no_progress
-    loaded = load_for_eval(checkpoint_path(args), micro_batch_size=args.micro_batch_size, show_progress=show)
+    loaded = load_for_eval(checkpoint_path(args), micro_batch_size=args.micro_batch_size, show_progress=show,
+                           path_overrides=parse_overrides(getattr(args, "override", ())))
     info, engine, moe = loaded.info, loaded.engine, loaded.cfg.model.moe
     as_trained = args.as_trained_labels
     split, names, column, labels = _held_out(loaded, args.split, args.domain_column, as_trained)

@@ -20,6 +20,7 @@ from pathlib import Path
 from ds_moe_div import rundir
 from ds_moe_div.config import ExperimentConfig, load_experiment
 from ds_moe_div.config_loader import ConfigError, flatten, to_dict
+from ds_moe_div.config_paths import absolute_dict
 from ds_moe_div.sweep.config import (
     EvalSpec,
     SweepConfig,
@@ -142,7 +143,8 @@ def select(plan: Plan, only=None) -> list[RunSpec]:
 def config_differences(run: RunSpec, saved: dict) -> list[str]:
     """Keys whose values differ. A key the saved config lacks counts as its default value: the run was
     written before that setting existed, when it behaved as the default does."""
-    planned, saved = flatten(to_dict(run.config)), flatten(saved)
+    # Runs store absolute data paths (config_paths); the plan may name them relative to the cwd.
+    planned, saved = flatten(absolute_dict(to_dict(run.config))), flatten(absolute_dict(saved))
     defaults = flatten(to_dict(ExperimentConfig()))
     saved = {k: saved.get(k, defaults.get(k)) for k in set(planned) | set(saved)}
     keys = sorted(set(saved) - set(IGNORED_KEYS))
