@@ -32,7 +32,7 @@ from ds_moe_div.evaluation.heldout import heldout_sums, summarize
 from ds_moe_div.log_window import LogWindow
 from ds_moe_div.metrics.accumulator import RoutingAccumulator
 from ds_moe_div.model import MoELanguageModel
-from ds_moe_div.monitor import Monitor
+from ds_moe_div.monitor import HPARAM_METRICS, Monitor, check_ds_monitor, run_hparams
 
 
 @dataclass
@@ -84,6 +84,7 @@ def build(cfg: ExperimentConfig, ds: dict) -> TrainState:
     from deepspeed.accelerator import get_accelerator
     micro, gas = check_ds_config(ds, cfg, world_size=info.world_size,
                                  on_cpu=get_accelerator().device_name() == "cpu")
+    check_ds_monitor(ds, tensorboard_dir=rundir.tensorboard_dir(cfg.train.run_dir))
     checkpoint.check_run_dir(cfg.train.run_dir, resume=cfg.train.resume)
     with main_rank_first(info):
         data = prepare_data(cfg.data, show_progress=info.is_main and cfg.train.show_progress)
@@ -108,7 +109,7 @@ def build(cfg: ExperimentConfig, ds: dict) -> TrainState:
                        arch=arch, window=_log_window(cfg, model, data))
     _restore(state)
     # Only now, with every check and the checkpoint load behind us, does the run write anything.
-    state.monitor = Monitor(rundir.tensorboard_dir(run_dir), enabled=info.is_main)
+    state.monitor = Monitor(rundir.tensorboard_dir(run_dir), enabled=info.is_main, ds_monitor=engine.monitor)
     if info.is_main:
         _write_run_files(state, ds)
     return state
@@ -164,3 +165,5 @@ def _write_run_files(state: TrainState, ds: dict) -> None:
     dump_config(state.cfg, rundir.config_path(run_dir, state.step))
     fileio.write_json(rundir.ds_config_path(run_dir), ds)
     state.monitor.text("config", "```json\n" + json.dumps(to_dict(state.cfg), indent=2) + "\n```")
+    if state.step == 0:  # one HParams-tab entry per run
+        state.monitor.hparams(run_hparams(to_dict(state.cfg)), HPARAM_METRICS)

@@ -16,9 +16,13 @@ from matplotlib.figure import Figure
 from ds_moe_div import fileio, rundir
 from ds_moe_div.metrics.accumulator import RoutingStats
 from ds_moe_div.metrics.figures import (
+    MANY_ROWS,
+    ROW_INCHES,
     domain_expert_heatmap,
     layers_summary_figure,
 )
+
+MANY_SERIES = 10  # more bar series than this reuse colours: delta-PPL per class becomes a heatmap
 
 HEATMAP_TITLE = "held-out top-k selection frequency"
 
@@ -29,14 +33,17 @@ def routing_figures(stats: RoutingStats, domain_names: Sequence[str]) -> dict:
     freqs = [matrices[f"routing/frequency/layer_{lid}"] for lid in stats.layer_ids]
     figures = {f"heatmap_layer_{lid}": domain_expert_heatmap(freq, domain_names, title=HEATMAP_TITLE, layer=lid)
                for lid, freq in zip(stats.layer_ids, freqs)}
+    ncols = None if len(domain_names) >= MANY_ROWS else math.ceil(len(freqs) ** 0.5)  # many: side by side
     figures["heatmap_all_layers"] = layers_summary_figure(freqs, domain_names, layer_ids=stats.layer_ids,
-                                                          title=HEATMAP_TITLE, ncols=math.ceil(len(freqs) ** 0.5))
+                                                          title=HEATMAP_TITLE, ncols=ncols)
     return figures
 
 
 def delta_ppl_figure(delta: dict, domain_names: Sequence[str]):
     """Grouped bars: delta-PPL per permuted layer (and all layers), one bar per domain plus overall,
-    error bars = std over seeds."""
+    error bars = std over seeds. With more than MANY_SERIES domains: `delta_ppl_heatmap` instead."""
+    if len(domain_names) > MANY_SERIES:
+        return delta_ppl_heatmap(delta, domain_names)
     groups = list(delta)
     series = [("all tokens", [delta[g]["mean"] for g in groups], [delta[g]["std"] for g in groups])]
     series += [(name, [delta[g]["per_domain"][name]["mean"] for g in groups],
@@ -56,6 +63,30 @@ def delta_ppl_figure(delta: dict, domain_names: Sequence[str]):
     ax.set_ylabel("PPL(permuted) - PPL")
     ax.set_title("router-permutation delta-PPL (mean ± std over seeds)")
     ax.legend(fontsize=8, ncols=min(len(series), 4))
+    return fig
+
+
+def delta_ppl_heatmap(delta: dict, domain_names: Sequence[str]):
+    """Rows: all tokens, then every domain sorted by its delta-PPL with all layers permuted (largest first);
+    columns: the permuted layer(s); colour: mean delta-PPL over seeds (diverging around 0)."""
+    groups = list(delta)
+    last = groups[-1]
+    key = [delta[last]["per_domain"][n]["mean"] for n in domain_names]
+    order = sorted(range(len(domain_names)), key=lambda d: (key[d] is None, -(key[d] or 0.0)))
+    rows = ["all tokens", *[domain_names[d] for d in order]]
+    values = [[delta[g]["mean"] for g in groups]]
+    values += [[delta[g]["per_domain"][domain_names[d]]["mean"] for g in groups] for d in order]
+    data = np.array([[np.nan if v is None else v for v in row] for row in values], dtype=float)
+    fig = Figure(figsize=(3.5 + 1.1 * len(groups), 1.6 + ROW_INCHES * len(rows)), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    bound = float(np.nanmax(np.abs(data))) if np.isfinite(data).any() else 1.0
+    image = ax.imshow(np.ma.masked_invalid(data), cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto",
+                      interpolation="nearest")
+    ax.set_xticks(range(len(groups)), [g.replace("_", " ") for g in groups], fontsize=8)
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    ax.set_title("router-permutation delta-PPL (mean over seeds)")
+    fig.colorbar(image, ax=ax, label="PPL(permuted) - PPL", fraction=0.05, pad=0.02)
     return fig
 
 

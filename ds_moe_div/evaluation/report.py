@@ -17,6 +17,9 @@ from pathlib import Path
 
 from ds_moe_div import fileio, rundir
 
+TOP_EXPERTS = 3          # experts listed per class in the report's top-experts table
+WIDE_TABLE_CLASSES = 8  # above this many classes, class-by-column tables are transposed
+
 # (tag under routing/, label) of the per-layer specialisation metrics, in table order.
 SPECIALISATION_METRICS = (
     ("mi", "I(D;E) (nats)"), ("mi_normalized", "I(D;E) / H(D)"), ("mi_normalized_min", "I(D;E) / min(H(D),H(E))"),
@@ -109,16 +112,52 @@ def _loss_section(r: dict) -> list[str]:
     return ["## Held-out loss", "", table(["domain", "target tokens", "LM loss (nats)", "PPL"], rows, "r"), ""]
 
 
+def _delta_table(r: dict) -> str:
+    """Few classes: one row per permuted layer, one column per class. Many (> WIDE_TABLE_CLASSES): the
+    transpose, one row per class, so the table has layers + 2 columns instead of classes + 2."""
+    names, delta = r["domain_names"], r["delta_ppl"]
+    if len(names) <= WIDE_TABLE_CLASSES:
+        rows = [[key.replace("_", " "), fmt_spread(entry), *[fmt_spread(entry["per_domain"][n]) for n in names]]
+                for key, entry in delta.items()]
+        return table(["permuted", "all tokens", *names], rows, "r")
+    rows = [["**all tokens**", *[fmt_spread(entry) for entry in delta.values()]]]
+    rows += [[name, *[fmt_spread(entry["per_domain"][name]) for entry in delta.values()]] for name in names]
+    return table(["class", *[key.replace("_", " ") for key in delta]], rows, "r")
+
+
 def _delta_section(r: dict) -> list[str]:
     p = r["permutations"]
-    names = r["domain_names"]
-    rows = [[key.replace("_", " "), fmt_spread(entry), *[fmt_spread(entry["per_domain"][n]) for n in names]]
-            for key, entry in r["delta_ppl"].items()]
     figure = [f"![delta-PPL]({f})" for f in r["figures"] if f.endswith("delta_ppl.png")]
     return ["## Router-permutation delta-PPL", "",
             (f"PPL(router rows permuted) - PPL, mean ± std over seeds {p['seeds']} ({p['kind']}s of the router "
              "rows of the permuted layer(s); experts untouched). Larger = experts less interchangeable."), "",
-            table(["permuted", "all tokens", *names], rows, "r"), "", *figure, ""]
+            _delta_table(r), "", *figure, ""]
+
+
+def top_experts(freq_DE: Sequence[Sequence[float | None]], k: int = TOP_EXPERTS) -> list[list[tuple[int, float]]]:
+    """Per row (class): its k most selected experts as (expert id, share), largest first; [] for a row
+    without data (None/NaN, a class with no held-out token)."""
+    out = []
+    for row in freq_DE:
+        pairs = [(j, float(v)) for j, v in enumerate(row) if v is not None and math.isfinite(float(v))]
+        out.append(sorted(pairs, key=lambda p: (-p[1], p[0]))[:k] if any(v > 0 for _, v in pairs) else [])
+    return out
+
+
+def _top_experts_section(r: dict) -> list[str]:
+    """Instead of a class x expert matrix per layer: each class's top experts per layer."""
+    names, matrices = r["domain_names"], r.get("routing_matrices") or {}
+    if not matrices:
+        return []
+    tops = {key: top_experts(m["frequency"]) for key, m in matrices.items()}
+    rows = [[name, *["n/a" if not tops[key][d] else ", ".join(f"e{j} {v:.0%}" for j, v in tops[key][d])
+                     for key in matrices]] for d, name in enumerate(names)]
+    header = ["class", *[key.replace("_", " ") for key in matrices]]
+    return [f"## Top {TOP_EXPERTS} experts per class", "",
+            ("Each class's most selected experts and their share of its top-k selections (uniform routing: "
+             f"{1 / max(len(next(iter(matrices.values()))['frequency'][0]), 1):.0%} each); "
+             "the full matrices are in report.json (routing_matrices) and the heatmaps below."), "",
+            table(header, rows), ""]
 
 
 def _routing_section(r: dict) -> list[str]:
@@ -149,7 +188,7 @@ def _figures_section(r: dict) -> list[str]:
 def render_markdown(report: dict) -> str:
     config = json.dumps(report["config"], indent=2)
     lines = [*_header(report), *_loss_section(report), *_delta_section(report), *_routing_section(report),
-             *_figures_section(report), "## Config", "",
+             *_top_experts_section(report), *_figures_section(report), "## Config", "",
              "<details><summary>the run's resolved experiment config</summary>", "", "```json", config, "```", "",
              "</details>", ""]
     return "\n".join(lines)
