@@ -5,7 +5,8 @@ report.json keys: checkpoint, run_dir, tag, step, split, domain_column, domain_n
 ppl, per_domain {name: {lm_loss, ppl, tokens}}, delta_ppl {layer_<id> | all_layers: {mean, std, per_seed,
 per_domain {name: {mean, std}}}}, permutations {kind, seeds, layer_<id>: [perm per seed]}, routing
 (RoutingStats.scalars tags), routing_matrices {layer_<id>: {frequency, mean_prob, load, kept_load}},
-figures, eval (how it was measured), config (the run's resolved experiment config). Undefined values are
+figures, eval (how it was measured), config (the run's resolved experiment config), warnings (e.g. classes
+without a held-out token, with the fix). Undefined values are
 null (JSON has no NaN). Files are written atomically.
 """
 from __future__ import annotations
@@ -92,13 +93,15 @@ def _objectives_line(config: dict) -> str:
 
 def _header(r: dict) -> list[str]:
     e = r["eval"]
-    batches = "the whole split" if e["max_batches"] is None else f"at most {e['max_batches']} global batches"
+    batches = ("the whole split" if e["max_batches"] is None else
+               f"at most {e['max_batches']} global batches, rows of every class first")
     return [
         f"# Evaluation: `{r['run_dir']}` at `{r['tag']}` (step {r['step']})", "",
         f"- checkpoint: `{r['checkpoint']}`",
         (f"- held-out split `{r['split']}`, labels `{r['domain_column']}` ({len(r['domain_names'])} classes), "
          f"{fmt(r['tokens'])} target tokens ({batches})"),
         *([f"- labels: {r['labels']}"] if r.get("labels", "true") != "true" else []),
+        *[f"- **{w}**" for w in r.get("warnings", [])],
         (f"- {e['world_size']} rank(s) x micro-batch {e['micro_batch_size']}, ep_size {e['ep_size']}, "
          f"{e['dtype']}, eval_capacity_factor {e['eval_capacity_factor']}, {e['passes']} passes in "
          f"{e['seconds']:.0f} s"),

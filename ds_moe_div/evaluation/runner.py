@@ -28,14 +28,14 @@ from itertools import islice
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from ds_moe_div import rundir
+from ds_moe_div import progress, rundir
 from ds_moe_div.checkpoint import CheckpointError, tokenizer_digest
 from ds_moe_div.cli import prog
 from ds_moe_div.config_loader import ConfigError
 from ds_moe_div.config_paths import parse_overrides
 from ds_moe_div.data import BatchLoader, DataError
+from ds_moe_div.evaluation import stratify
 from ds_moe_div.evaluation.heldout import heldout_sums, summarize
 from ds_moe_div.evaluation.loading import LoadedCheckpoint, load_for_eval, working_dir
 from ds_moe_div.evaluation.permutation import (
@@ -136,6 +136,9 @@ def evaluate(args) -> dict:
     info, engine, moe = loaded.info, loaded.engine, loaded.cfg.model.moe
     as_trained = args.as_trained_labels
     split, names, column, labels = _held_out(loaded, args.split, args.domain_column, as_trained)
+    # With a batch budget, every class gets held-out rows first (stratify.py); the whole split otherwise.
+    split, class_rows = stratify.select(split, max_batches=args.max_batches,
+                                        global_batch=loaded.micro_batch_size * info.world_size)
     loader = BatchLoader(split, micro_batch_size=loaded.micro_batch_size, rank=info.rank,
                          world_size=info.world_size, shuffle=False, loop=False)
     steps = len(loader) if args.max_batches is None else min(args.max_batches, len(loader))
@@ -143,8 +146,8 @@ def evaluate(args) -> dict:
     layer_ids = [layer.layer_id for layer in layers]
     seeds = list(range(args.permutation_seeds))
     passes = 1 + (len(layers) + 1) * len(seeds)
-    bar = tqdm(total=passes * steps, desc="eval", unit="batch", disable=not (info.is_main and show),
-               dynamic_ncols=True)
+    bar = progress.bar(total=passes * steps, desc="eval", unit="batch", enabled=info.is_main and show,
+                       log_every=max(steps, 1))  # off a terminal: one line per pass
 
     def run_pass(accumulator=None):
         batches = _counted(islice(loader, steps), bar)
@@ -154,6 +157,10 @@ def evaluate(args) -> dict:
                              layer_ids=layer_ids, device=engine.device)
     base = run_pass(acc)
     stats = acc.reduce()
+    warning = stratify.missing_classes_warning({n: d.tokens for n, d in base.per_domain.items()},
+                                               split_counts=class_rows, max_batches=args.max_batches, split=args.split)
+    if warning and info.is_main:
+        print(warning, file=sys.stderr)
     perms = draw_permutations(len(layers), moe.num_experts, seeds)
     delta = router_permutation_delta(run_pass, layers, layer_ids, base, perms, progress=bar.set_postfix_str) \
         if seeds else {}
@@ -171,7 +178,7 @@ def evaluate(args) -> dict:
         "routing": stats.scalars(names), "routing_matrices": _matrices(stats), "figures": [],
         "eval": _settings(loaded, args, steps=steps, passes=passes, seconds=time.perf_counter() - started,
                           out_dir=out_dir),
-        "config": loaded.saved_config,
+        "config": loaded.saved_config, "warnings": [warning] if warning else [],
     }
     if info.is_main:
         _write_outputs(report, stats, out_dir, tensorboard=args.tensorboard)
@@ -262,5 +269,6 @@ def summary_text(report: dict) -> str:
     lines += [f"  delta-PPL {key}: {fmt(entry['mean'], 3)} ± {fmt(entry['std'], 3)}"
               for key, entry in report["delta_ppl"].items()]
     lines.append(f"  I(D;E), mean over layers: {fmt(report['routing'].get('routing/mi/mean'))} nats")
-    lines.append(f"  report: {report['eval']['out_dir']}/report.md")
+    lines += [f"  {w}" for w in report.get("warnings", [])]
+    lines.append(f"  report: {rundir.report_md_path(report['eval']['out_dir'])}")
     return "\n".join(lines)
