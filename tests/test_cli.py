@@ -84,3 +84,22 @@ def test_training_summary_names_the_final_losses_and_the_run_paths(tmp_path):
 def test_line_progress_refuses_a_nonpositive_interval(bad):
     with pytest.raises(ValueError, match="log_every"):
         progress.LineProgress(total=3, desc="x", unit="step", log_every=bad)
+
+
+def test_readme_example_overrides_change_the_tiny_config():
+    """The README's training example must show an override that changes something vs tiny.json."""
+    import re
+
+    from ds_moe_div.config import load_experiment
+    from ds_moe_div.config_loader import flatten, to_dict
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("## Running your own experiments"):]
+    block = block[:block.index("```", block.index("```bash") + 7)]
+    overrides = re.findall(r"--override (\S+)", block)
+    config = re.search(r"--config (\S+)", block).group(1)
+    assert overrides and config.endswith("tiny.json")
+    base = flatten(to_dict(load_experiment(ROOT / config)))
+    for item in overrides:
+        changed = flatten(to_dict(load_experiment(ROOT / config, [item])))
+        assert changed != base, f"README override {item} is tiny.json's own value"
