@@ -42,6 +42,7 @@ from ds_moe_div.evaluation.permutation import (
 )
 from ds_moe_div.evaluation.relabel import relabelled_split
 from ds_moe_div.evaluation.report import plain, write_report
+from ds_moe_div.evaluation.specialisation import specialisation_pass
 from ds_moe_div.metrics.accumulator import RoutingAccumulator
 
 
@@ -136,7 +137,7 @@ def evaluate(args) -> dict:
     layers = loaded.model.moe_layers()
     layer_ids = [layer.layer_id for layer in layers]
     seeds = list(range(args.permutation_seeds))
-    passes = 1 + (len(layers) + 1) * len(seeds)
+    passes = 2 + (len(layers) + 1) * len(seeds)  # + the specialisation pass (Expert Overlap, Silhouette)
     bar = tqdm(total=passes * steps, desc="eval", unit="batch", disable=not (info.is_main and show),
                dynamic_ncols=True)
 
@@ -148,6 +149,7 @@ def evaluate(args) -> dict:
                              layer_ids=layer_ids, device=engine.device)
     base = run_pass(acc)
     stats = acc.reduce()
+    paper_scalars, silhouette = specialisation_pass(engine, layers, _counted(islice(loader, steps), bar))
     perms = draw_permutations(len(layers), moe.num_experts, seeds)
     delta = router_permutation_delta(run_pass, layers, layer_ids, base, perms, progress=bar.set_postfix_str) \
         if seeds else {}
@@ -162,7 +164,8 @@ def evaluate(args) -> dict:
         "per_domain": {name: d.to_dict() for name, d in base.per_domain.items()}, "delta_ppl": delta,
         "permutations": {"kind": "derangement", "seeds": seeds,
                          **{f"layer_{lid}": [p[i].tolist() for p in perms] for i, lid in enumerate(layer_ids)}},
-        "routing": stats.scalars(names), "routing_matrices": _matrices(stats), "figures": [],
+        "routing": {**stats.scalars(names), **paper_scalars}, "silhouette": silhouette,
+        "routing_matrices": _matrices(stats), "figures": [],
         "eval": _settings(loaded, args, steps=steps, passes=passes, seconds=time.perf_counter() - started,
                           out_dir=out_dir),
         "config": loaded.saved_config,
