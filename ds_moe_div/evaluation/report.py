@@ -155,10 +155,18 @@ def _figures_section(r: dict) -> list[str]:
     return lines
 
 
+def _training_curves_section(r: dict) -> list[str]:
+    curves = [f for f in r["figures"] if f.endswith("training_curves.png")]
+    if not curves:
+        return []
+    note = "MaxVio_global, I(D;E) and D_inter per layer (dashed: mean) from the run's TensorBoard scalars."
+    return ["## Routing over training", "", note, "", f"![training curves]({curves[0]})", ""]
+
+
 def render_markdown(report: dict) -> str:
     config = json.dumps(report["config"], indent=2)
     lines = [*_header(report), *_loss_section(report), *_delta_section(report), *_routing_section(report),
-             *_figures_section(report), "## Config", "",
+             *_figures_section(report), *_training_curves_section(report), "## Config", "",
              "<details><summary>the run's resolved experiment config</summary>", "", "```json", config, "```", "",
              "</details>", ""]
     return "\n".join(lines)

@@ -34,6 +34,7 @@ from ds_moe_div import rundir
 from ds_moe_div.checkpoint import CheckpointError, tokenizer_digest
 from ds_moe_div.config_loader import ConfigError
 from ds_moe_div.data import BatchLoader, DataError
+from ds_moe_div.evaluation import training_curves
 from ds_moe_div.evaluation.heldout import heldout_sums, summarize
 from ds_moe_div.evaluation.loading import LoadedCheckpoint, load_for_eval, working_dir
 from ds_moe_div.evaluation.permutation import (
@@ -213,7 +214,8 @@ def _write_outputs(report: dict, stats, out_dir: Path, *, tensorboard: bool) -> 
     figures = plots.routing_figures(stats, names)
     if report["delta_ppl"]:
         figures["delta_ppl"] = plots.delta_ppl_figure(report["delta_ppl"], names)
-    report["figures"] = plots.save_figures(figures, out_dir)
+    report["figures"] = plots.save_figures(figures, out_dir) + training_curves.write_run_figure(report["run_dir"],
+                                                                                                out_dir)
     write_report(report, out_dir)
     if tensorboard:
         monitor = Monitor(rundir.tensorboard_dir(out_dir), enabled=True)
