@@ -189,3 +189,18 @@ def test_two_ranks_equal_the_concatenated_global_batch_with_one_all_reduce():
         assert len(res["calls"]) == 1
         for name, values in expected.items():
             assert res["paper"][name] == pytest.approx(values, rel=1e-6), name  # overlap: fp32 cosines
+
+
+def test_paper_metrics_can_be_switched_off():
+    steps = _steps(*RANK_STEPS[0])
+    acc = RoutingAccumulator(num_layers=LAYERS, num_domains=DOMAINS, num_experts=E, k=K, window_steps=4,
+                             paper_metrics=False)
+    for step in steps:
+        for records, ids in step:
+            acc.add(records, ids)
+        acc.end_step()
+    on = _accumulate(steps)
+    assert acc._flat.numel() < on._flat.numel()
+    scalars = acc.local_stats().scalars(["a", "b", "c"])
+    assert "routing/mi/mean" in scalars and not any("routing_variance" in t or "global" in t for t in scalars)
+    assert scalars["routing/mi/mean"] == on.local_stats().scalars(["a", "b", "c"])["routing/mi/mean"]

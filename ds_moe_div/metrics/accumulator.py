@@ -75,7 +75,7 @@ class RoutingStats:
         mi, mi_norm, mi_norm_min = rm.routing_mutual_information(select_DE=s)
         d_total, d_inter, d_intra = rm.window_divergence_decomposition(
             prob_sum_DE=self.prob_sum_LDE, tokens_D=t, unit_entropy_sum_D=self.unit_entropy_sum_LD)
-        return {**self.paper_per_layer(),
+        return {**(self.paper_per_layer() if self.route_var_sum_L is not None else {}),
             "mi": mi, "mi_normalized": mi_norm, "mi_normalized_min": mi_norm_min,
             "purity": rm.mean_expert_domain_purity(select_DE=s),
             "max_violation": rm.max_violation(select_DE=s, tokens_D=t, k=self.k),
@@ -135,20 +135,24 @@ class RoutingAccumulator:
 
     def __init__(self, *, num_layers: int, num_domains: int, num_experts: int, k: int,
                  layer_ids: Sequence[int] | None = None, device: torch.device | str | None = None,
-                 window_steps: int = 0) -> None:
+                 window_steps: int = 0, paper_metrics: bool = True) -> None:
         """layer_ids: the records' `layer_id`s, for the tags (default: taken from the first `add`, or
         0..L-1 on a rank that never adds). device: where the counters live (default: the device of
         the first records; give it when a rank may reduce before adding, e.g. under NCCL).
         window_steps: the most optimizer steps one window may end (`end_step`), for MaxVio_global per
-        step (0: no per-step loads; MaxVio_global is then taken over the whole window)."""
+        step (0: no per-step loads; MaxVio_global is then taken over the whole window).
+        paper_metrics: False skips the paper metrics' counters (routing variance, Expert Overlap,
+        co-selection, per-step loads), e.g. to measure what they cost; their scalars are then absent."""
         self.num_layers, self.num_domains, self.num_experts, self.k = num_layers, num_domains, num_experts, k
         self.layer_ids = None if layer_ids is None else tuple(layer_ids)
-        self.window_steps, self.steps_ended = window_steps, 0
+        self.window_steps, self.steps_ended, self.paper_metrics = window_steps, 0, paper_metrics
         L, D, E = num_layers, num_domains, num_experts
         self._shapes = {"select_LDE": (L, D, E), "kept_LDE": (L, D, E), "prob_sum_LDE": (L, D, E),
                         "unit_entropy_sum_LD": (L, D), "tokens_D": (D,), "padding_tokens": (),
-                        "micro_batches": (), "route_var_sum_L": (L,), "overlap_sum_L": (L,),
-                        "overlap_tokens_L": (L,), "coselect_LEE": (L, E, E), "step_load_SLE": (window_steps, L, E)}
+                        "micro_batches": ()}
+        if paper_metrics:  # in the same buffer: the same single all-reduce
+            self._shapes.update({"route_var_sum_L": (L,), "overlap_sum_L": (L,), "overlap_tokens_L": (L,),
+                                 "coselect_LEE": (L, E, E), "step_load_SLE": (window_steps, L, E)})
         self._flat = None if device is None else torch.zeros(self._numel(), dtype=DT, device=device)
 
     def _numel(self) -> int:
@@ -170,7 +174,7 @@ class RoutingAccumulator:
     def end_step(self) -> None:
         """Mark the end of an optimizer step: remember the expert loads counted so far (a device copy, no
         sync), so the reduce gives each step's global-batch load. A no-op with window_steps=0."""
-        if self.window_steps == 0 or self._flat is None:
+        if self.window_steps == 0 or self._flat is None or not self.paper_metrics:
             return
         if self.steps_ended >= self.window_steps:
             raise ValueError(f"more than window_steps={self.window_steps} optimizer steps in one routing window: "
@@ -222,7 +226,8 @@ class RoutingAccumulator:
         pbar_UE = sums_UE / counts_U.clamp(min=1.0)[:, None]
         weighted_U = counts_U * torch.special.entr(pbar_UE).sum(-1)
         v["unit_entropy_sum_LD"][layer].add_(weighted_U.view(num_seqs, D).sum(0))
-        self._add_paper_counters(v, layer, r, weight_T)
+        if self.paper_metrics:
+            self._add_paper_counters(v, layer, r, weight_T)
 
     def _add_paper_counters(self, v: dict[str, Tensor], layer: int, r: RoutingRecord, weight_T: Tensor) -> None:
         var_T = paper.token_routing_variance_T(probs_TE=r.probs_TE.detach())
@@ -242,10 +247,12 @@ class RoutingAccumulator:
         return RoutingStats(select_LDE=v["select_LDE"], kept_LDE=v["kept_LDE"], prob_sum_LDE=v["prob_sum_LDE"],
                             unit_entropy_sum_LD=v["unit_entropy_sum_LD"], tokens_D=v["tokens_D"],
                             padding_tokens=float(v["padding_tokens"]), micro_batches=float(v["micro_batches"]),
-                            layer_ids=tuple(layer_ids), k=self.k, route_var_sum_L=v["route_var_sum_L"],
-                            overlap_sum_L=v["overlap_sum_L"], overlap_tokens_L=v["overlap_tokens_L"],
-                            coselect_LEE=v["coselect_LEE"],
-                            step_load_SLE=paper.step_loads(cumulative_load_SLE=v["step_load_SLE"][:self.steps_ended]))
+                            layer_ids=tuple(layer_ids), k=self.k, **(self._paper_fields(v) if self.paper_metrics else {}))
+
+    def _paper_fields(self, v: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {"route_var_sum_L": v["route_var_sum_L"], "overlap_sum_L": v["overlap_sum_L"],
+                "overlap_tokens_L": v["overlap_tokens_L"], "coselect_LEE": v["coselect_LEE"],
+                "step_load_SLE": paper.step_loads(cumulative_load_SLE=v["step_load_SLE"][:self.steps_ended])}
 
     def _buffer(self) -> Tensor:
         if self._flat is None:
