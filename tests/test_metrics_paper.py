@@ -24,7 +24,7 @@ def test_max_violation_is_max_over_mean_minus_one():
     got = paper.max_violation(load_E=load)
     assert got[0] == 0.0 and got[1] == pytest.approx(10 / 4 - 1) and math.isnan(got[2])
     cumulative = torch.tensor([[1.0, 2.0], [4.0, 2.0], [4.0, 7.0]])
-    assert torch.equal(paper.step_loads(cumulative_load_SLE=cumulative), torch.tensor([[1.0, 2.0], [3.0, 0.0],
+    assert torch.equal(paper.step_loads(cumulative_load_GLE=cumulative), torch.tensor([[1.0, 2.0], [3.0, 0.0],
                                                                                        [0.0, 5.0]]))
 
 
@@ -152,7 +152,7 @@ def test_window_paper_metrics_equal_direct_computation_per_step():
     got = stats.paper_per_layer()
     for name, values in _expected([steps]).items():
         assert got[name].tolist() == pytest.approx(values, rel=1e-6), name  # overlap: fp32 cosines
-    assert stats.step_load_SLE.shape == (3, LAYERS, E)
+    assert stats.step_load_GLE.shape == (3, LAYERS, E)
     # Without step boundaries (an evaluation) MaxVio_global is that of the whole window.
     flat = RoutingAccumulator(num_layers=LAYERS, num_domains=DOMAINS, num_experts=E, k=K)
     for step in steps:

@@ -47,20 +47,20 @@ class RoutingStats:
     k: int
     # The paper metrics' counters (metrics/paper.py): sum over tokens of var_j p[t, j]; sum and count of
     # the per-token Expert Overlap (only where expert outputs were collected); co-selection counts; and
-    # the load [L, E] of each optimizer step that ended in the window (`end_step`), [S, L, E].
+    # the load [L, E] of each optimizer step that ended in the window (`end_step`), [G, L, E].
     route_var_sum_L: Tensor | None = None
     overlap_sum_L: Tensor | None = None
     overlap_tokens_L: Tensor | None = None
     coselect_LEE: Tensor | None = None
-    step_load_SLE: Tensor | None = None
+    step_load_GLE: Tensor | None = None
 
     def paper_per_layer(self) -> dict[str, Tensor]:
         """The orthogonality paper's metrics per layer [L] (docs/METRICS.md): `max_violation_global` =
         mean over the window's optimizer steps of MaxVio over each step's global batch (over the whole
         window when no step ended in it, e.g. an evaluation); `routing_variance`; `expert_overlap`
         (NaN unless expert outputs were collected); `coselection_jaccard`."""
-        if self.step_load_SLE is not None and self.step_load_SLE.shape[0] > 0:
-            maxvio = paper.max_violation(load_E=self.step_load_SLE).mean(0)
+        if self.step_load_GLE is not None and self.step_load_GLE.shape[0] > 0:
+            maxvio = paper.max_violation(load_E=self.step_load_GLE).mean(0)
         else:
             maxvio = paper.max_violation(load_E=self.select_LDE.sum(-2))
         tokens = self.tokens_D.sum()
@@ -152,7 +152,7 @@ class RoutingAccumulator:
                         "micro_batches": ()}
         if paper_metrics:  # in the same buffer: the same single all-reduce
             self._shapes.update({"route_var_sum_L": (L,), "overlap_sum_L": (L,), "overlap_tokens_L": (L,),
-                                 "coselect_LEE": (L, E, E), "step_load_SLE": (window_steps, L, E)})
+                                 "coselect_LEE": (L, E, E), "step_load_GLE": (window_steps, L, E)})
         self._flat = None if device is None else torch.zeros(self._numel(), dtype=DT, device=device)
 
     def _numel(self) -> int:
@@ -180,7 +180,7 @@ class RoutingAccumulator:
             raise ValueError(f"more than window_steps={self.window_steps} optimizer steps in one routing window: "
                              "reset (or reduce and reset) the accumulator every window, or raise window_steps")
         v = self._views(self._flat)
-        v["step_load_SLE"][self.steps_ended].copy_(v["select_LDE"].sum(1))
+        v["step_load_GLE"][self.steps_ended].copy_(v["select_LDE"].sum(1))
         self.steps_ended += 1
 
     def add(self, records: Sequence[RoutingRecord], domain_ids_BS: Tensor) -> None:
@@ -252,7 +252,7 @@ class RoutingAccumulator:
     def _paper_fields(self, v: dict[str, Tensor]) -> dict[str, Tensor]:
         return {"route_var_sum_L": v["route_var_sum_L"], "overlap_sum_L": v["overlap_sum_L"],
                 "overlap_tokens_L": v["overlap_tokens_L"], "coselect_LEE": v["coselect_LEE"],
-                "step_load_SLE": paper.step_loads(cumulative_load_SLE=v["step_load_SLE"][:self.steps_ended])}
+                "step_load_GLE": paper.step_loads(cumulative_load_GLE=v["step_load_GLE"][:self.steps_ended])}
 
     def _buffer(self) -> Tensor:
         if self._flat is None:

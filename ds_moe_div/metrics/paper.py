@@ -4,7 +4,7 @@ as pure keyword-only functions; definitions and sources in docs/METRICS.md.
     .venv/bin/python -m pytest tests/test_metrics_paper.py -q
 
 Shape suffixes (docs/SHAPES.md): T tokens, E experts, K top-k slots, M model dim, N sampled tokens,
-L layers, S optimizer steps. Undefined values (nothing to average) are NaN, never a silent 0.
+L layers, G optimizer steps of a window. Undefined values (nothing to average) are NaN, never a silent 0.
 """
 from __future__ import annotations
 
@@ -35,10 +35,10 @@ def max_violation(*, load_E: Tensor) -> Tensor:
     return _ratio(load_E.amax(-1), load_E.mean(-1)) - 1.0
 
 
-def step_loads(*, cumulative_load_SLE: Tensor) -> Tensor:
-    """Per-step loads [S, ...] from loads accumulated up to the end of each step (first difference)."""
-    previous = torch.cat([torch.zeros_like(cumulative_load_SLE[:1]), cumulative_load_SLE[:-1]])
-    return cumulative_load_SLE - previous
+def step_loads(*, cumulative_load_GLE: Tensor) -> Tensor:
+    """Per-step loads [G, ...] from loads accumulated up to the end of each step (first difference)."""
+    previous = torch.cat([torch.zeros_like(cumulative_load_GLE[:1]), cumulative_load_GLE[:-1]])
+    return cumulative_load_GLE - previous
 
 
 def token_routing_variance_T(*, probs_TE: Tensor) -> Tensor:
