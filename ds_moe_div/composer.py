@@ -66,8 +66,20 @@ class ObjectiveSpec:
 def _balance(c, x: TermInputs):
     if c.scope == "micro_batch":  # DeepSpeed's own l_aux, as its gate returned it
         return x.stacked("l_aux"), {}
+    if c.scope == "sequence":
+        return _sequence_balance(x), {}
     return obj.global_load_balance_loss(probs_LTE=x.stacked("probs_TE"), indices_LTK=x.stacked("indices_TK"),
                                         mask_T=x.mask_T, group=x.world_group), {}
+
+
+def _sequence_balance(x: TermInputs) -> torch.Tensor:
+    if x.domain_ids_BS is None:
+        raise ValueError("objectives.balance.scope='sequence' needs the batch's [B, S] layout (domain_ids); "
+                         "pass domain_ids_BS or use scope micro_batch")
+    shape = (*x.domain_ids_BS.shape, -1)
+    mask_BS = x.mask_T.view(x.domain_ids_BS.shape)
+    return torch.stack([obj.sequence_balance_loss(probs_BSE=r.probs_TE.view(shape), indices_BSK=r.indices_TK.view(shape),
+                                                  mask_BS=mask_BS) for r in x.records])
 
 
 def _z_loss(c, x: TermInputs):
@@ -99,7 +111,7 @@ def _variance(c, x: TermInputs):
 # Name -> spec, in logging order. Each name is a section of ObjectivesConfig.
 OBJECTIVES: dict[str, ObjectiveSpec] = {
     "balance": ObjectiveSpec(_balance, ("l_aux", "probs_TE", "indices_TK"),
-                             "config: micro_batch (DeepSpeed's l_aux) or global_batch (one all-reduce)"),
+                             "config: micro_batch (DeepSpeed's l_aux), global_batch (one all-reduce) or sequence"),
     "z_loss": ObjectiveSpec(_z_loss, ("logits_TE",), "micro_batch"),
     "divergence": ObjectiveSpec(_divergence, ("probs_TE", "domain_ids_BS"),
                                 "config: global, expert_parallel or micro_batch domain means"),

@@ -74,11 +74,24 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class BalanceConfig:
-    """L_aux, the GShard/Switch load-balancing loss. `micro_batch`: DeepSpeed's own l_aux, per rank and
-    micro-batch; `global_batch`: expert frequencies of the whole data-parallel batch (Qiu et al. 2025)."""
+    """Load balancing (baselines spec, section 1). `method`: "aux" = the GShard/Switch loss L_aux at `coef`;
+    "loss_free" = Loss-Free Balancing (Wang et al. 2024): a per-expert bias on the router scores for top-k
+    selection only, updated after every optimizer step by `gamma * sign(mean load - load)`, plus the loss
+    at `coef` when nonzero (DeepSeek-V3: scope "sequence", coef 1e-4); "none" = neither (coef must be 0).
+    `scope` of the loss: `micro_batch` = DeepSpeed's own l_aux, per rank and micro-batch; `global_batch` =
+    expert frequencies of the whole data-parallel batch (Qiu et al. 2025); `sequence` = DeepSeek's
+    sequence-wise balance loss, averaged over sequences. ST-MoE = method "aux" with z_loss.coef > 0."""
     coef: float = 0.01
-    scope: Literal["micro_batch", "global_batch"] = "micro_batch"
+    scope: Literal["micro_batch", "global_batch", "sequence"] = "micro_batch"
     warmup_steps: int = 0
+    method: Literal["aux", "loss_free", "none"] = "aux"
+    gamma: float = 1e-3
+
+    def __post_init__(self):
+        _require(self.gamma > 0, f"objectives.balance.gamma={self.gamma} must be > 0 (Loss-Free bias update rate)")
+        _require(self.method != "none" or self.coef == 0, f"objectives.balance.method='none' with "
+                 f"objectives.balance.coef={self.coef}: set objectives.balance.coef=0 (no balancing) or use "
+                 "method 'aux'")
 
 
 @dataclass(frozen=True)
@@ -149,6 +162,9 @@ class TrainConfig:
     # heatmaps + load histograms every heatmap_interval steps.
     routing_stats: bool = True
     heatmap_interval: int = 100
+    # Expert Overlap in the routing window: the model hands out its selected experts' outputs every
+    # micro-step (always so when the orthogonality loss is on). Off by default: it changes the combine path.
+    expert_overlap: bool = False
     resume: bool = False  # continue from the latest checkpoint in run_dir
     init_from: str | None = None  # start a new run from these checkpoint weights
     show_progress: bool = True

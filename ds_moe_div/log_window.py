@@ -16,11 +16,20 @@ from ds_moe_div.metrics.accumulator import RoutingAccumulator, RoutingStats
 
 
 class LogWindow:
-    def __init__(self, routing: RoutingAccumulator | None = None, domain_names: Sequence[str] = ()) -> None:
-        """`routing`: accumulates domain x expert statistics over the window (None: losses only)."""
+    def __init__(self, routing: RoutingAccumulator | None = None, domain_names: Sequence[str] = (), *,
+                 expert_overlap: bool = False) -> None:
+        """`routing`: accumulates domain x expert statistics over the window (None: losses only).
+        `expert_overlap`: ask the model for its selected experts' outputs every micro-step so that the
+        window also measures Expert Overlap (they are collected anyway when the orthogonality loss is on)."""
         self.routing = routing
         self.domain_names = tuple(domain_names)
+        self.needs_expert_outputs = expert_overlap and routing is not None
         self.reset()
+
+    def end_step(self) -> None:
+        """An optimizer step ended: the routing window records its global-batch load (MaxVio_global)."""
+        if self.routing is not None:
+            self.routing.end_step()
 
     def reset(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}

@@ -20,6 +20,7 @@ from deepspeed.moe import sharded_moe as ds_moe
 from deepspeed.moe.layer import MoE
 from deepspeed.utils import groups
 
+from ds_moe_div import selection_bias
 from ds_moe_div.routing import RoutingRecord
 
 
@@ -38,6 +39,9 @@ class RoutingGate(ds_moe.TopKGate):
             x = ds_moe.multiplicative_jitter(x, device=input.device)
         logits = F.linear(x, self.wg.weight.float())
         capacity_factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        bias = self._buffers.get(selection_bias.BUFFER)
+        if bias is not None:  # Loss-Free Balancing: the bias picks the experts, the weights stay unbiased
+            return selection_bias.biased_gating(self, logits, bias, capacity_factor), logits
         if self.k == 1:
             noisy = self.noisy_gate_policy if self.training else None
             out = ds_moe.top1gating(logits, capacity_factor, self.min_capacity, used_token, noisy, self.drop_tokens,
@@ -53,6 +57,27 @@ class RoutingGate(ds_moe.TopKGate):
         # DeepSpeed's (l_aux, capacity, num_experts, indices [K,T] (-1 dropped), locations [K,T],
         # weights [K,T], exp_counts), and logits_TE.
         return out, logits
+
+    def _apply(self, fn, recurse=True):
+        """Keep the selection bias fp32 when the module is cast (DeepSpeed's bf16/fp16 engines call
+        `module.bfloat16()`): a 1e-3 update must not round away. Device moves still apply."""
+        bias = self._buffers.get(selection_bias.BUFFER)
+        super()._apply(fn, recurse)
+        if bias is not None:
+            moved = self._buffers[selection_bias.BUFFER]
+            self._buffers[selection_bias.BUFFER] = bias.to(device=moved.device) if moved.dtype != bias.dtype else moved
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """A checkpoint's selection bias only means something to a Loss-Free run: a gate without one
+        ignores it (init_from a Loss-Free run), a gate with one keeps its zeros when the checkpoint has
+        none (init_from any other run)."""
+        key = prefix + selection_bias.BUFFER
+        if self._buffers.get(selection_bias.BUFFER) is None:
+            state_dict.pop(key, None)
+        elif key not in state_dict:
+            state_dict[key] = self._buffers[selection_bias.BUFFER].clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class RoutingMOELayer(ds_moe.MOELayer):
@@ -84,7 +109,8 @@ class RoutingMOELayer(ds_moe.MOELayer):
         else:
             combined = ds_moe._sparse_decode(expert_out_EC_M, slots_KT, gates_KT, tokens_TM.shape[0])
         record = routing_record(layer_id=layer_id, logits_TE=logits_TE, indices_KT=indices_KT, weights_KT=gates_KT,
-                                l_aux=l_aux, capacity=capacity, expert_outputs_TKM=routed_TKM)
+                                l_aux=l_aux, capacity=capacity, expert_outputs_TKM=routed_TKM,
+                                selection_bias_E=self.gate._buffers.get(selection_bias.BUFFER))
         return combined.reshape(hidden.shape), record
 
     def _exchange(self, buffer: torch.Tensor) -> torch.Tensor:
@@ -146,14 +172,17 @@ class RoutedMoE(MoE):
 
 
 def routing_record(*, layer_id: int, logits_TE: torch.Tensor, indices_KT: torch.Tensor, weights_KT: torch.Tensor,
-                   l_aux: torch.Tensor, capacity: int | None, expert_outputs_TKM: torch.Tensor | None) -> RoutingRecord:
-    """The record of DeepSpeed's gate outputs: slot-major [K, T] indices (-1 = dropped) and weights."""
+                   l_aux: torch.Tensor, capacity: int | None, expert_outputs_TKM: torch.Tensor | None,
+                   selection_bias_E: torch.Tensor | None = None) -> RoutingRecord:
+    """The record of DeepSpeed's gate outputs: slot-major [K, T] indices (-1 = dropped) and weights.
+    `selection_bias_E`: the Loss-Free bias the selection used (None: selection on p alone)."""
     probs_TE = torch.softmax(logits_TE, dim=-1)
     kept_TK = (indices_KT >= 0).t()
     chosen_TK = indices_KT.t().long()
     # Dropped slots carry -1: restore the expert the router chose (exact for deterministic routing;
     # with Gumbel-sampled second experts a dropped slot shows the second-highest probability).
-    ranked_TK = torch.topk(probs_TE.detach(), k=chosen_TK.shape[1], dim=-1).indices
+    scores_TE = probs_TE.detach() if selection_bias_E is None else probs_TE.detach() + selection_bias_E
+    ranked_TK = torch.topk(scores_TE, k=chosen_TK.shape[1], dim=-1).indices
     chosen_TK = torch.where(kept_TK, chosen_TK, ranked_TK)
     return RoutingRecord(layer_id=layer_id, logits_TE=logits_TE, probs_TE=probs_TE, indices_TK=chosen_TK,
                          weights_TK=weights_KT.t(), kept_TK=kept_TK, l_aux=l_aux, capacity=capacity,

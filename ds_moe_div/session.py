@@ -30,9 +30,11 @@ from ds_moe_div.distributed import (
 from ds_moe_div.ds_config import check_ds_config, engine_config
 from ds_moe_div.evaluation.heldout import heldout_sums, summarize
 from ds_moe_div.log_window import LogWindow
+from ds_moe_div.loss_free import LossFreeBalancer
 from ds_moe_div.metrics.accumulator import RoutingAccumulator
 from ds_moe_div.model import MoELanguageModel
 from ds_moe_div.monitor import HPARAM_METRICS, Monitor, check_ds_monitor, run_hparams
+from ds_moe_div.selection_bias import enable_selection_bias, selection_biases
 
 
 @dataclass
@@ -48,6 +50,7 @@ class TrainState:
     arch: dict
     step: int = 0
     window: LogWindow = field(default_factory=LogWindow)
+    balancer: LossFreeBalancer | None = None  # objectives.balance.method = loss_free
 
     def __post_init__(self):
         self.train_iter = iter(self.loader)
@@ -95,6 +98,9 @@ def build(cfg: ExperimentConfig, ds: dict) -> TrainState:
     model = MoELanguageModel(cfg.model, vocab_size=vocab, seq_len=cfg.data.seq_len, seed=cfg.train.seed,
                              ep_rank=info.ep_rank(cfg.model.moe.ep_size))
     ds = engine_config(ds, micro, gas, info.world_size, steps=cfg.train.steps)  # what the engine runs
+    loss_free = cfg.objectives.balance.method == "loss_free"
+    if loss_free:  # the bias buffers exist before DeepSpeed places the module and before a checkpoint loads
+        enable_selection_bias([layer.gate for layer in model.moe_layers()])
     engine = _initialize(model, ds, info, cfg)
     layer = model.moe_layers()[0]
     composer = ObjectiveComposer(cfg.objectives, num_domains=len(data.domain_names),
@@ -106,7 +112,8 @@ def build(cfg: ExperimentConfig, ds: dict) -> TrainState:
     run_dir = Path(cfg.train.run_dir)
     state = TrainState(cfg=cfg, info=info, engine=engine, composer=composer, data=data, loader=loader,
                        monitor=Monitor(rundir.tensorboard_dir(run_dir), enabled=False), micro_batch_size=micro,
-                       arch=arch, window=_log_window(cfg, model, data))
+                       arch=arch, window=_log_window(cfg, model, data),
+                       balancer=_balancer(cfg, model) if loss_free else None)
     _restore(state)
     # Only now, with every check and the checkpoint load behind us, does the run write anything.
     state.monitor = Monitor(rundir.tensorboard_dir(run_dir), enabled=info.is_main, ds_monitor=engine.monitor)
@@ -120,8 +127,15 @@ def _log_window(cfg: ExperimentConfig, model: MoELanguageModel, data: PreparedDa
         return LogWindow()
     layer_ids = tuple(layer.layer_id for layer in model.moe_layers())
     acc = RoutingAccumulator(num_layers=len(layer_ids), num_domains=len(data.domain_names),
-                             num_experts=cfg.model.moe.num_experts, k=cfg.model.moe.k, layer_ids=layer_ids)
-    return LogWindow(acc, data.domain_names)
+                             num_experts=cfg.model.moe.num_experts, k=cfg.model.moe.k, layer_ids=layer_ids,
+                             window_steps=cfg.train.log_interval)
+    return LogWindow(acc, data.domain_names, expert_overlap=cfg.train.expert_overlap)
+
+
+def _balancer(cfg: ExperimentConfig, model: MoELanguageModel) -> LossFreeBalancer:
+    layers = model.moe_layers()
+    return LossFreeBalancer(selection_biases([layer.gate for layer in layers]), gamma=cfg.objectives.balance.gamma,
+                            layer_ids=[layer.layer_id for layer in layers], group=dist.group.WORLD)
 
 
 def _check_objective_inputs(cfg: ExperimentConfig, data: PreparedData) -> None:

@@ -45,16 +45,25 @@ def load_configs(args) -> tuple[ExperimentConfig, dict]:
     return load_experiment(args.config, overrides), load_ds_config(args.deepspeed_config)
 
 
-def train_step(engine, batches: Iterator[dict], composer: ObjectiveComposer, window: LogWindow, *, step: int) -> None:
+def train_step(engine, batches: Iterator[dict], composer: ObjectiveComposer, window: LogWindow, *, step: int,
+               balancer=None) -> None:
     """Optimizer step `step` (0-based): `gradient_accumulation_steps` micro-batches from `batches`, one
-    engine.backward each; the losses and routing records go to `window`."""
+    engine.backward each; the losses and routing records go to `window`. `balancer` (Loss-Free
+    Balancing, `loss_free.LossFreeBalancer`) counts every micro-batch and updates its biases once, after
+    the optimizer step."""
+    collect = composer.needs_expert_outputs or window.needs_expert_outputs
     for _ in range(engine.gradient_accumulation_steps()):
         batch = {k: v.to(engine.device, non_blocking=True) for k, v in next(batches).items()}
-        out = engine(batch["input_ids"], labels_BS=batch["labels"], collect_expert_outputs=composer.needs_expert_outputs)
+        out = engine(batch["input_ids"], labels_BS=batch["labels"], collect_expert_outputs=collect)
         losses = composer(out, domain_ids_BS=batch["domain_ids"], step=step)
         engine.backward(losses.total)
         engine.step()
         window.add(losses, out, batch)
+        if balancer is not None:
+            balancer.add(out.routing, batch["domain_ids"].reshape(-1) >= 0)
+    window.end_step()
+    if balancer is not None:
+        balancer.step()
 
 
 
@@ -63,6 +72,8 @@ def maybe_log(state: TrainState, bar) -> dict:
         return {}
     scalars = state.window.flush(world_size=state.info.world_size, lr=state.engine.get_lr()[0],
                                  grad_norm=state.engine.get_global_grad_norm())
+    if state.balancer is not None:
+        scalars.update(state.balancer.scalars())
     state.monitor.scalars(scalars, state.step)
     stats = state.window.routing_stats
     if stats is not None and state.step % state.cfg.train.heatmap_interval == 0:
@@ -92,7 +103,8 @@ def run(state: TrainState) -> dict[str, float]:
     with progress.bar(total=train.steps, initial=state.step, desc="train", unit="step",
                       enabled=state.info.is_main and train.show_progress, log_every=train.log_interval) as bar:
         while state.step < train.steps:
-            train_step(state.engine, state.train_iter, state.composer, state.window, step=state.step)
+            train_step(state.engine, state.train_iter, state.composer, state.window, step=state.step,
+                       balancer=state.balancer)
             state.step += 1
             last.update(maybe_log(state, bar))
             last.update(maybe_eval(state))

@@ -44,6 +44,13 @@ ALL = VARIANTS["all objectives"]
 # micro-step, reduced and turned into scalars once per timed block: at most every --steps steps,
 # more often than the default log_interval, so the measured overhead is an upper bound).
 ROUTING_VARIANT = "all + routing stats"
+# The orthogonality paper's training-time metrics (MaxVio_global per step, routing variance, co-selection;
+# Expert Overlap also collects the experts' outputs) over the L_aux baseline's routing statistics.
+PAPER_VARIANTS = {  # name: (paper metrics, expert_overlap)
+    "aux + routing": (False, False),
+    "aux + routing + paper": (True, False),
+    "aux + routing + paper + overlap": (True, True),
+}
 
 
 def parse_args():
@@ -117,12 +124,19 @@ def main():
     composers[ROUTING_VARIANT] = ObjectiveComposer(objectives_for(ALL), num_domains=args.domains)
     layer_ids = tuple(m.layer_id for m in model.moe_layers())
     routing = RoutingAccumulator(num_layers=len(layer_ids), num_domains=args.domains, num_experts=args.experts,
-                                 k=args.k, layer_ids=layer_ids)
+                                 k=args.k, layer_ids=layer_ids, paper_metrics=False)
+    accumulators = {ROUTING_VARIANT: (routing, False)}
+    for name, (paper_on, overlap) in PAPER_VARIANTS.items():
+        composers[name] = ObjectiveComposer(objectives_for([]), num_domains=args.domains)
+        accumulators[name] = (RoutingAccumulator(num_layers=len(layer_ids), num_domains=args.domains,
+                                                 num_experts=args.experts, k=args.k, layer_ids=layer_ids,
+                                                 window_steps=args.steps, paper_metrics=paper_on), overlap)
     names = [f"domain{i}" for i in range(args.domains)]
     times = {name: [] for name in composers}
     for round_id in range(args.repeats + 1):  # round 0 warms up every variant
         for name, composer in composers.items():
-            window = LogWindow(routing if name == ROUTING_VARIANT else None, names)
+            acc, overlap = accumulators.get(name, (None, False))
+            window = LogWindow(acc, names, expert_overlap=overlap)
             _sync(device)
             start = time.perf_counter()
             for _ in range(args.steps):
@@ -155,6 +169,11 @@ def report(args, cfg, model, times, peak, device):
     print(f"\nall objectives together add {allobj - 1:+.1%} step time over the baseline (target <= +5%); "
           f"median step times: {base * 1e3:.1f} -> {statistics.median(times['all objectives']) * 1e3:.1f} ms")
     print(f"routing statistics add {routing - 1:+.1%} over all objectives (target < 2%)")
+    plain = times["aux + routing"]
+    for name in ("aux + routing + paper", "aux + routing + paper + overlap"):
+        ratio, low, high = paired_ratio(times[name], plain)
+        print(f"{name[len('aux + routing + '):]} metrics: step time ratio {ratio:.4f} (range {low:.4f}-{high:.4f}) "
+              f"over the L_aux baseline with routing statistics (target <= 1.02)")
 
 
 def paired_ratio(times: list[float], reference: list[float]) -> tuple[float, float, float]:

@@ -114,6 +114,18 @@ def test_delta_ppl_is_positive_on_a_model_trained_to_route_domains_apart(one_ran
     assert report["tokens"] == sum(d["tokens"] for d in report["per_domain"].values())
 
 
+def test_report_has_the_paper_metrics_with_the_silhouette_sample(one_rank):
+    report, _, out = one_rank
+    routing = report["routing"]
+    for name in ("max_violation_global", "routing_variance", "expert_overlap", "coselection_jaccard", "silhouette"):
+        for suffix in ("layer_0", "layer_1", "mean"):
+            assert routing[f"routing/{name}/{suffix}"] is not None, (name, suffix)
+    assert 0 <= routing["routing/expert_overlap/mean"] <= 1 and -1 <= routing["routing/silhouette/mean"] <= 1
+    assert report["silhouette"]["sample_size"] == 2000 and report["silhouette"]["distance"] == "cosine"
+    md = (out / "report.md").read_text()
+    assert "MaxVio_global" in md and "Silhouette: 2000 sampled tokens" in md
+
+
 def test_two_gloo_ranks_give_the_single_process_report(run_dir, one_rank):
     single, _, _ = one_rank
     out = run_dir / "eval" / "two_ranks"

@@ -104,7 +104,8 @@ def test_scalars_tags_values_and_absent_domain():
     stats = accumulate(window).local_stats()
     scalars = stats.scalars(DOMAINS)
     metrics = ("mi", "mi_normalized", "mi_normalized_min", "purity", "max_violation", "load_cv",
-               "dead_experts", "dropped_fraction", "d_total", "d_inter", "d_intra")
+               "dead_experts", "dropped_fraction", "d_total", "d_inter", "d_intra",
+               "max_violation_global", "routing_variance", "coselection_jaccard")  # no expert outputs: no overlap
     expected = {f"routing/{m}/{suffix}" for m in metrics for suffix in ("layer_1", "layer_3", "mean")}
     expected |= {f"routing/entropy/{d}/{suffix}" for d in ("web", "code", "legal")
                  for suffix in ("layer_1", "layer_3", "mean")}

@@ -21,6 +21,7 @@ from pathlib import Path
 from ds_moe_div import fileio, rundir
 from ds_moe_div.cli import prog
 from ds_moe_div.config_loader import flatten
+from ds_moe_div.evaluation import training_curves
 from ds_moe_div.evaluation.report import (
     SPECIALISATION_METRICS,
     fmt,
@@ -112,9 +113,11 @@ def compare(paths: list, *, names: list[str] | None = None, split: str = "test",
     if len(names) != len(reports):
         raise ValueError(f"{len(names)} names for {len(reports)} runs")
     out = Path(out) if out else Path(os.path.commonpath([Path(p).resolve() for p in paths])) / "comparison"
-    text = markdown(names, reports, files)
+    curve_lines, curve_rows = training_curves.comparison(names, [r["run_dir"] for r in reports], out)
+    text = "\n".join([markdown(names, reports, files), *curve_lines])
     fileio.write_text(out / "comparison.md", text)
-    fileio.write_text(out / "comparison.csv", csv_text(names, reports))
+    fileio.write_text(out / "comparison.csv", csv_text(names, reports) + "".join(",".join(row) + "\n"
+                                                                              for row in curve_rows))
     return text, out
 
 

@@ -31,6 +31,7 @@ from ds_moe_div.distributed import (
 )
 from ds_moe_div.ds_config import inference_config
 from ds_moe_div.model import MoELanguageModel
+from ds_moe_div.selection_bias import enable_selection_bias
 
 DEFAULT_MICRO_BATCH = 8
 
@@ -103,6 +104,8 @@ def load_for_eval(path, *, micro_batch_size: int | None = None, show_progress: b
                                          f"checkpoint's model {vocab}: the data changed since training")
     model = MoELanguageModel(cfg.model, vocab_size=vocab, seq_len=cfg.data.seq_len, seed=cfg.train.seed,
                              ep_rank=info.ep_rank(cfg.model.moe.ep_size))
+    if cfg.objectives.balance.method == "loss_free":  # route as trained: with the checkpoint's selection bias
+        enable_selection_bias([layer.gate for layer in model.moe_layers()])
     engine, dtype = _engine(model, micro, info.world_size)
     arch = checkpoint.architecture(to_dict(cfg.model), vocab, tokenizer=data.tokenizer_path)
     checkpoint.load(engine, tag_dir, arch=arch, rank=info.rank, module_only=True)

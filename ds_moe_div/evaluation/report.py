@@ -4,7 +4,8 @@
 report.json keys: checkpoint, run_dir, tag, step, split, domain_column, domain_names, tokens, lm_loss,
 ppl, per_domain {name: {lm_loss, ppl, tokens}}, delta_ppl {layer_<id> | all_layers: {mean, std, per_seed,
 per_domain {name: {mean, std}}}}, permutations {kind, seeds, layer_<id>: [perm per seed]}, routing
-(RoutingStats.scalars tags), routing_matrices {layer_<id>: {frequency, mean_prob, load, kept_load}},
+(RoutingStats.scalars tags and the specialisation pass's expert_overlap / silhouette), silhouette {sample_size,
+max_sample_size, seed, labels, features, distance}, routing_matrices {layer_<id>: {frequency, mean_prob, load, kept_load}},
 figures, eval (how it was measured), config (the run's resolved experiment config), warnings (e.g. classes
 without a held-out token, with the fix). Undefined values are
 null (JSON has no NaN). Files are written atomically.
@@ -27,6 +28,10 @@ SPECIALISATION_METRICS = (
     ("purity", "expert purity"), ("max_violation", "MaxVio"), ("load_cv", "load CV"),
     ("dead_experts", "dead experts"), ("dropped_fraction", "dropped fraction"),
     ("d_total", "D_total"), ("d_inter", "D_inter"), ("d_intra", "D_intra"),
+    # The orthogonality paper's metrics (metrics/paper.py, docs/METRICS.md).
+    ("max_violation_global", "MaxVio_global"), ("routing_variance", "routing variance"),
+    ("expert_overlap", "Expert Overlap (mean \\|cos\\|)"), ("coselection_jaccard", "co-selection Jaccard"),
+    ("silhouette", "silhouette (cosine, MoE input)"),
 )
 
 
@@ -169,10 +174,14 @@ def _routing_section(r: dict) -> list[str]:
     rows = [[label, *[fmt(routing.get(f"routing/{tag}/layer_{lid}")) for lid in layers],
              fmt(routing.get(f"routing/{tag}/mean"))] for tag, label in metrics]
     padding = routing.get("routing/padding_fraction")
+    sil = r.get("silhouette") or {}
+    sample = (f" Silhouette: {sil['sample_size']} sampled tokens (at most {sil['max_sample_size']}, seed "
+              f"{sil['seed']}), labelled by their {sil['labels']}, {sil['distance']} distance on the "
+              f"{sil['features']}.") if sil else ""
     return ["## Specialisation (routing on the held-out text)", "",
             table(["metric", *[f"layer {lid}" for lid in layers], "mean"], rows, "r"), "",
             (f"Counts are top-k selections before the capacity limit over {fmt(int(routing.get('routing/tokens', 0)))}"
-             f" labelled tokens (padding fraction {fmt(padding)}); entropies and information in nats."), ""]
+             f" labelled tokens (padding fraction {fmt(padding)}); entropies and information in nats.{sample}"), ""]
 
 
 def _figures_section(r: dict) -> list[str]:
@@ -188,10 +197,19 @@ def _figures_section(r: dict) -> list[str]:
     return lines
 
 
+def _training_curves_section(r: dict) -> list[str]:
+    curves = [f for f in r["figures"] if f.endswith("training_curves.png")]
+    if not curves:
+        return []
+    note = "MaxVio_global, I(D;E) and D_inter per layer (dashed: mean) from the run's TensorBoard scalars."
+    return ["## Routing over training", "", note, "", f"![training curves]({curves[0]})", ""]
+
+
 def render_markdown(report: dict) -> str:
     config = json.dumps(report["config"], indent=2)
     lines = [*_header(report), *_loss_section(report), *_delta_section(report), *_routing_section(report),
-             *_top_experts_section(report), *_figures_section(report), "## Config", "",
+             *_top_experts_section(report), *_figures_section(report), *_training_curves_section(report),
+             "## Config", "",
              "<details><summary>the run's resolved experiment config</summary>", "", "```json", config, "```", "",
              "</details>", ""]
     return "\n".join(lines)

@@ -35,7 +35,7 @@ from ds_moe_div.cli import prog
 from ds_moe_div.config_loader import ConfigError
 from ds_moe_div.config_paths import parse_overrides
 from ds_moe_div.data import BatchLoader, DataError
-from ds_moe_div.evaluation import stratify
+from ds_moe_div.evaluation import stratify, training_curves
 from ds_moe_div.evaluation.heldout import heldout_sums, summarize
 from ds_moe_div.evaluation.loading import LoadedCheckpoint, load_for_eval, working_dir
 from ds_moe_div.evaluation.permutation import (
@@ -44,6 +44,7 @@ from ds_moe_div.evaluation.permutation import (
 )
 from ds_moe_div.evaluation.relabel import relabelled_split
 from ds_moe_div.evaluation.report import plain, write_report
+from ds_moe_div.evaluation.specialisation import specialisation_pass
 from ds_moe_div.metrics.accumulator import RoutingAccumulator
 
 
@@ -145,7 +146,7 @@ def evaluate(args) -> dict:
     layers = loaded.model.moe_layers()
     layer_ids = [layer.layer_id for layer in layers]
     seeds = list(range(args.permutation_seeds))
-    passes = 1 + (len(layers) + 1) * len(seeds)
+    passes = 2 + (len(layers) + 1) * len(seeds)  # + the specialisation pass (Expert Overlap, Silhouette)
     bar = progress.bar(total=passes * steps, desc="eval", unit="batch", enabled=info.is_main and show,
                        log_every=max(steps, 1))  # off a terminal: one line per pass
 
@@ -161,6 +162,7 @@ def evaluate(args) -> dict:
                                                split_counts=class_rows, max_batches=args.max_batches, split=args.split)
     if warning and info.is_main:
         print(warning, file=sys.stderr)
+    paper_scalars, silhouette = specialisation_pass(engine, layers, _counted(islice(loader, steps), bar))
     perms = draw_permutations(len(layers), moe.num_experts, seeds)
     delta = router_permutation_delta(run_pass, layers, layer_ids, base, perms, progress=bar.set_postfix_str) \
         if seeds else {}
@@ -175,7 +177,8 @@ def evaluate(args) -> dict:
         "per_domain": {name: d.to_dict() for name, d in base.per_domain.items()}, "delta_ppl": delta,
         "permutations": {"kind": "derangement", "seeds": seeds,
                          **{f"layer_{lid}": [p[i].tolist() for p in perms] for i, lid in enumerate(layer_ids)}},
-        "routing": stats.scalars(names), "routing_matrices": _matrices(stats), "figures": [],
+        "routing": {**stats.scalars(names), **paper_scalars}, "silhouette": silhouette,
+        "routing_matrices": _matrices(stats), "figures": [],
         "eval": _settings(loaded, args, steps=steps, passes=passes, seconds=time.perf_counter() - started,
                           out_dir=out_dir),
         "config": loaded.saved_config, "warnings": [warning] if warning else [],
@@ -223,7 +226,8 @@ def _write_outputs(report: dict, stats, out_dir: Path, *, tensorboard: bool) -> 
     figures = plots.routing_figures(stats, names)
     if report["delta_ppl"]:
         figures["delta_ppl"] = plots.delta_ppl_figure(report["delta_ppl"], names)
-    report["figures"] = plots.save_figures(figures, out_dir)
+    report["figures"] = plots.save_figures(figures, out_dir) + training_curves.write_run_figure(report["run_dir"],
+                                                                                                out_dir)
     write_report(report, out_dir)
     if tensorboard:
         monitor = Monitor(rundir.tensorboard_dir(out_dir), enabled=True)

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from ds_moe_div.distributed import all_reduce_sum
+from ds_moe_div.metrics import paper
 from ds_moe_div.metrics import routing as rm
 from ds_moe_div.routing import RoutingRecord
 
@@ -44,6 +45,29 @@ class RoutingStats:
     micro_batches: float
     layer_ids: tuple[int, ...]
     k: int
+    # The paper metrics' counters (metrics/paper.py): sum over tokens of var_j p[t, j]; sum and count of
+    # the per-token Expert Overlap (only where expert outputs were collected); co-selection counts; and
+    # the load [L, E] of each optimizer step that ended in the window (`end_step`), [G, L, E].
+    route_var_sum_L: Tensor | None = None
+    overlap_sum_L: Tensor | None = None
+    overlap_tokens_L: Tensor | None = None
+    coselect_LEE: Tensor | None = None
+    step_load_GLE: Tensor | None = None
+
+    def paper_per_layer(self) -> dict[str, Tensor]:
+        """The orthogonality paper's metrics per layer [L] (docs/METRICS.md): `max_violation_global` =
+        mean over the window's optimizer steps of MaxVio over each step's global batch (over the whole
+        window when no step ended in it, e.g. an evaluation); `routing_variance`; `expert_overlap`
+        (NaN unless expert outputs were collected); `coselection_jaccard`."""
+        if self.step_load_GLE is not None and self.step_load_GLE.shape[0] > 0:
+            maxvio = paper.max_violation(load_E=self.step_load_GLE).mean(0)
+        else:
+            maxvio = paper.max_violation(load_E=self.select_LDE.sum(-2))
+        tokens = self.tokens_D.sum()
+        return {"max_violation_global": maxvio,
+                "routing_variance": paper._ratio(self.route_var_sum_L, tokens),
+                "expert_overlap": paper._ratio(self.overlap_sum_L, self.overlap_tokens_L),
+                "coselection_jaccard": paper.coselection_jaccard(coselect_EE=self.coselect_LEE)}
 
     def per_layer(self) -> dict[str, Tensor]:
         """Every per-layer scalar metric as a [L] tensor (NaN where undefined on this window)."""
@@ -51,7 +75,7 @@ class RoutingStats:
         mi, mi_norm, mi_norm_min = rm.routing_mutual_information(select_DE=s)
         d_total, d_inter, d_intra = rm.window_divergence_decomposition(
             prob_sum_DE=self.prob_sum_LDE, tokens_D=t, unit_entropy_sum_D=self.unit_entropy_sum_LD)
-        return {
+        return {**(self.paper_per_layer() if self.route_var_sum_L is not None else {}),
             "mi": mi, "mi_normalized": mi_norm, "mi_normalized_min": mi_norm_min,
             "purity": rm.mean_expert_domain_purity(select_DE=s),
             "max_violation": rm.max_violation(select_DE=s, tokens_D=t, k=self.k),
@@ -110,16 +134,25 @@ class RoutingAccumulator:
     """Local routing counters of `num_layers` MoE layers over a window of micro-batches."""
 
     def __init__(self, *, num_layers: int, num_domains: int, num_experts: int, k: int,
-                 layer_ids: Sequence[int] | None = None, device: torch.device | str | None = None) -> None:
+                 layer_ids: Sequence[int] | None = None, device: torch.device | str | None = None,
+                 window_steps: int = 0, paper_metrics: bool = True) -> None:
         """layer_ids: the records' `layer_id`s, for the tags (default: taken from the first `add`, or
         0..L-1 on a rank that never adds). device: where the counters live (default: the device of
-        the first records; give it when a rank may reduce before adding, e.g. under NCCL)."""
+        the first records; give it when a rank may reduce before adding, e.g. under NCCL).
+        window_steps: the most optimizer steps one window may end (`end_step`), for MaxVio_global per
+        step (0: no per-step loads; MaxVio_global is then taken over the whole window).
+        paper_metrics: False skips the paper metrics' counters (routing variance, Expert Overlap,
+        co-selection, per-step loads), e.g. to measure what they cost; their scalars are then absent."""
         self.num_layers, self.num_domains, self.num_experts, self.k = num_layers, num_domains, num_experts, k
         self.layer_ids = None if layer_ids is None else tuple(layer_ids)
+        self.window_steps, self.steps_ended, self.paper_metrics = window_steps, 0, paper_metrics
         L, D, E = num_layers, num_domains, num_experts
         self._shapes = {"select_LDE": (L, D, E), "kept_LDE": (L, D, E), "prob_sum_LDE": (L, D, E),
                         "unit_entropy_sum_LD": (L, D), "tokens_D": (D,), "padding_tokens": (),
                         "micro_batches": ()}
+        if paper_metrics:  # in the same buffer: the same single all-reduce
+            self._shapes.update({"route_var_sum_L": (L,), "overlap_sum_L": (L,), "overlap_tokens_L": (L,),
+                                 "coselect_LEE": (L, E, E), "step_load_GLE": (window_steps, L, E)})
         self._flat = None if device is None else torch.zeros(self._numel(), dtype=DT, device=device)
 
     def _numel(self) -> int:
@@ -134,8 +167,21 @@ class RoutingAccumulator:
         return views
 
     def reset(self) -> None:
+        self.steps_ended = 0
         if self._flat is not None:
             self._flat.zero_()
+
+    def end_step(self) -> None:
+        """Mark the end of an optimizer step: remember the expert loads counted so far (a device copy, no
+        sync), so the reduce gives each step's global-batch load. A no-op with window_steps=0."""
+        if self.window_steps == 0 or self._flat is None or not self.paper_metrics:
+            return
+        if self.steps_ended >= self.window_steps:
+            raise ValueError(f"more than window_steps={self.window_steps} optimizer steps in one routing window: "
+                             "reset (or reduce and reset) the accumulator every window, or raise window_steps")
+        v = self._views(self._flat)
+        v["step_load_GLE"][self.steps_ended].copy_(v["select_LDE"].sum(1))
+        self.steps_ended += 1
 
     def add(self, records: Sequence[RoutingRecord], domain_ids_BS: Tensor) -> None:
         """Count one micro-batch: records of every MoE layer (in layer order) and its [B, S] domain ids
@@ -180,6 +226,20 @@ class RoutingAccumulator:
         pbar_UE = sums_UE / counts_U.clamp(min=1.0)[:, None]
         weighted_U = counts_U * torch.special.entr(pbar_UE).sum(-1)
         v["unit_entropy_sum_LD"][layer].add_(weighted_U.view(num_seqs, D).sum(0))
+        if self.paper_metrics:
+            self._add_paper_counters(v, layer, r, weight_T)
+
+    def _add_paper_counters(self, v: dict[str, Tensor], layer: int, r: RoutingRecord, weight_T: Tensor) -> None:
+        var_T = paper.token_routing_variance_T(probs_TE=r.probs_TE.detach())
+        v["route_var_sum_L"][layer].add_((var_T * weight_T).sum())
+        if r.expert_outputs_TKM is not None:
+            overlap_T, pair_T = paper.token_expert_overlap_T(outputs_TKM=r.expert_outputs_TKM.detach(),
+                                                             kept_TK=r.kept_TK)
+            pair_weight_T = weight_T * pair_T
+            v["overlap_sum_L"][layer].add_((overlap_T.to(DT) * pair_weight_T).sum())
+            v["overlap_tokens_L"][layer].add_(pair_weight_T.sum())
+        v["coselect_LEE"][layer].add_(paper.coselection_counts_EE(indices_TK=r.indices_TK,
+                                                                  num_experts=self.num_experts, weight_T=weight_T))
 
     def _stats(self, flat: Tensor) -> RoutingStats:
         v = {name: t.cpu() for name, t in self._views(flat).items()}
@@ -187,7 +247,12 @@ class RoutingAccumulator:
         return RoutingStats(select_LDE=v["select_LDE"], kept_LDE=v["kept_LDE"], prob_sum_LDE=v["prob_sum_LDE"],
                             unit_entropy_sum_LD=v["unit_entropy_sum_LD"], tokens_D=v["tokens_D"],
                             padding_tokens=float(v["padding_tokens"]), micro_batches=float(v["micro_batches"]),
-                            layer_ids=tuple(layer_ids), k=self.k)
+                            layer_ids=tuple(layer_ids), k=self.k, **(self._paper_fields(v) if self.paper_metrics else {}))
+
+    def _paper_fields(self, v: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {"route_var_sum_L": v["route_var_sum_L"], "overlap_sum_L": v["overlap_sum_L"],
+                "overlap_tokens_L": v["overlap_tokens_L"], "coselect_LEE": v["coselect_LEE"],
+                "step_load_GLE": paper.step_loads(cumulative_load_GLE=v["step_load_GLE"][:self.steps_ended])}
 
     def _buffer(self) -> Tensor:
         if self._flat is None:

@@ -17,6 +17,7 @@ communicate, over the `group` they are given, both with the same straight-throug
 Half-precision inputs are promoted to float32; float32/float64 inputs keep their dtype.
 """
 from ds_moe_div.objectives.balance import global_load_balance_loss
+from ds_moe_div.objectives.balancing import loss_free_bias_update, sequence_balance_loss
 from ds_moe_div.objectives.divergence import (
     domain_routing_sums,
     expert_divergence_loss,
@@ -33,8 +34,10 @@ __all__ = [
     "global_domain_means",
     "global_load_balance_loss",
     "jensen_shannon",
+    "loss_free_bias_update",
     "orthogonality_loss",
     "router_z_loss",
+    "sequence_balance_loss",
     "topk_score_matrix",
     "variance_loss",
 ]
