@@ -128,6 +128,8 @@ class Effect:
         """Plain words: a difference the test detects, or the size it could have detected."""
         if self.reason:
             return "not compared"
+        if self.sd_diff == 0 and self.mean_diff == 0:
+            return "identical in every pair"
         p = self.p_holm if self.primary else self.p_t
         if p < ALPHA:
             return ("lower" if self.mean_diff < 0 else "higher") + (" (Holm)" if self.primary else " (unadjusted)")
@@ -162,6 +164,7 @@ def _effect(variant: str, reference: str, metric: str, primary: bool, pairing: P
 
 
 def _secondary_metrics(runs: list, endpoints) -> list[str]:
+    """The exploratory metrics any of `runs` has, in table order."""
     keys = list(dict.fromkeys(k for r in runs for k in r.metrics))
     domains = [k for k in keys if k.startswith("lm_loss/")]
     layers = sorted((k for k in keys if k.startswith("delta_logppl/layer_")), key=lambda k: int(k.rsplit("_", 1)[1]))
@@ -172,13 +175,13 @@ def effects(results: list, *, contrasts: list[tuple[str, str]], endpoints) -> tu
     """(every effect row, {(variant, reference): Pairing}); Holm over the primary rows of all contrasts."""
     runs = [r for r in results if r.evaluated]
     by_key = {(r.variant, r.seed): r for r in runs}
-    secondary = _secondary_metrics(runs, endpoints)
     found, pairings = [], {}
     for variant, reference in contrasts:
-        pairing = pair([r for r in runs if r.variant == variant], [r for r in runs if r.variant == reference],
-                       variant=variant, reference=reference)
+        mine, theirs = [r for r in runs if r.variant == variant], [r for r in runs if r.variant == reference]
+        pairing = pair(mine, theirs, variant=variant, reference=reference)
         pairings[(variant, reference)] = pairing
         found += [_effect(variant, reference, m, True, pairing, by_key) for m in endpoints]
+        secondary = [m for m in _secondary_metrics(mine, endpoints) if m in _secondary_metrics(theirs, endpoints)]
         found += [_effect(variant, reference, m, False, pairing, by_key) for m in secondary]
     primary = [e for e in found if e.primary and not pairings[(e.variant, e.reference)].not_run]
     for e, p in zip(primary, stats.holm([e.p_t for e in primary])):
