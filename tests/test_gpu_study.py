@@ -1,0 +1,60 @@
+"""scripts/gpu_study.sh on CPU: the dry run prints the plan and writes nothing; without a GPU it refuses."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*cmd: str, **env: str) -> subprocess.CompletedProcess:
+    environment = dict(os.environ, PYTHON=sys.executable, **env)
+    return subprocess.run(cmd, check=False, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=120)
+
+
+def snapshot() -> set[Path]:
+    return {p for p in ROOT.rglob("*") if ".git" not in p.parts and "__pycache__" not in p.parts
+            and ".pytest_cache" not in p.parts}
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing():
+    before = snapshot()
+    result = run("bash", "scripts/gpu_study.sh", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "6 single-rank runs" in out and "13,107,200 tokens per run" in out
+    assert "d_model 384, 6 layers, 16 experts top-2, capacity 2.0, seq 512, mixed packing" in out
+    assert "l_aux 0.001 (global_batch)" in out and "whole split" in out
+    assert "--include localhost:0" in out and "ds_zero2_gpu_bf16_study.json" in out
+    assert out.rstrip().endswith("dry run: nothing was run or written")
+    assert snapshot() == before
+
+
+def test_refuses_without_a_gpu_in_one_line():
+    result = run(sys.executable, "scripts/gpu_study.py", CUDA_VISIBLE_DEVICES="")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "needs one" in result.stderr
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="a GPU machine would start the study")
+def test_the_shell_script_refuses_before_installing_anything():
+    result = run("bash", "scripts/gpu_study.sh")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "no NVIDIA GPU" in result.stderr
+
+
+def test_power_script_sample_size(capsys):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import power
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    assert power.main(["--sd", "1", "--target", "3.1", "--n", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "n =   3: MDE 3.097" in out and "n for MDE 3.1: 3" in out  # (4.3027 + 1.0607) / sqrt(3)
+    assert power.main(["--sd", "1", "--family", "4", "--n", "10"]) == 0
+    assert "alpha 0.05/4 = 0.0125" in capsys.readouterr().out
