@@ -81,14 +81,22 @@ def test_mixed_packing_pairs_the_shuffled_label_control(tmp_path):
 
 
 def test_the_ed3_shuffled_inconsistency_is_gone(tmp_path):
-    """The old comparison.md printed a Δ over seeds 1 and 2 for a by_domain shuffled-label run: seed 0's report
-    had a held_out_sha256 (differing from the baseline's), seeds 1-2 predated it and passed a fallback that
-    compared only token counts and domain names. Now every path refuses the contrast, with the reason."""
+    """v1's comparison.md printed a Δ over seeds 1 and 2 for a by_domain shuffled-label run: its reports had no
+    held_out_sha256, the fallback compared token counts and domain names, seed 0 scored fewer tokens (refused)
+    and seeds 1-2 the same number (paired, although other tokens). Now every path refuses the whole contrast
+    with the reason, from the run dirs and from runs.csv alike; with digests, the digests decide."""
     plan = make_plan(tmp_path)
+    set_digest(plan, lambda run: None)
+    shuffled0 = next(r for r in plan.runs if (r.variant, r.seed) == ("s", 0))
+    path = next(shuffled0.run_dir.glob("eval/*/report.json"))
+    path.write_text(json.dumps({**json.loads(path.read_text()), "tokens": 990}))
+    s = summarise(collect(list(plan.runs), plan.eval), variants=plan.variants, reference="a")[2]
+    assert s.variant == "s" and s.delta_to_reference is None
+    assert s.delta_reason.startswith("seed 0: other held-out tokens: data.shuffle_labels_seed (0 vs None)")
     set_digest(plan, lambda run: None if run.seed else "shuffled packing" if run.variant == "s" else "tokens")
     results = collect(list(plan.runs), plan.eval)
     s = summarise(results, variants=plan.variants, reference="a")[2]
-    assert s.variant == "s" and s.delta_to_reference is None
+    assert s.delta_to_reference is None
     assert s.delta_reason.startswith("seed 0: their eval reports' held_out_sha256 differ")
     write_comparison(plan)
     md = (plan.output_dir / "comparison.md").read_text()
@@ -100,7 +108,8 @@ def test_the_ed3_shuffled_inconsistency_is_gone(tmp_path):
     shutil.rmtree(plan.output_dir)
     assert main([str(plan.sweep_file), "--aggregate-only", "--runs-csv", str(runs_csv)]) == 0
     md = (runs_csv.parent / "comparison.md").read_text()
-    assert "| s | 3 | 3.2 ± 0.11 |  |" in md and "| b | 3 | 2.983 ± 0.076 | -0.1167 ± 0.076 |" in md and "- s: seed 0: their eval reports' held_out_sha256 differ" in md
+    assert "| s | 3 | 3.2 ± 0.11 |  |" in md and "| b | 3 | 2.983 ± 0.076 | -0.1167 ± 0.076 |" in md and \
+        "- s: seed 0: their eval reports' held_out_sha256 differ" in md
     rows = list(csv.DictReader((runs_csv.parent / "effects.csv").open()))
     assert [r["reason"] != "" for r in rows if r["metric"] == "lm_loss"] == [False, True]
     without_digests = [{k: v for k, v in row.items() if k != "held_out_sha256"} for row in csv.DictReader(runs_csv.open())]
