@@ -58,3 +58,21 @@ def test_power_script_sample_size(capsys):
     assert "n =   3: MDE 3.097" in out and "n for MDE 3.1: 3" in out  # (4.3027 + 1.0607) / sqrt(3)
     assert power.main(["--sd", "1", "--family", "4", "--n", "10"]) == 0
     assert "alpha 0.05/4 = 0.0125" in capsys.readouterr().out
+
+
+def test_summary_table_has_the_paired_effect(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import gpu_study
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    from ds_moe_div.sweep.aggregate import collect, summarise
+    from ds_moe_div.sweep.effects import effects
+    from tests.test_sweep_effects import make_plan
+
+    plan = make_plan(tmp_path, contrasts=["b"])
+    results = collect(list(plan.runs), plan.eval)
+    found, _ = effects(results, contrasts=[("b", "a")], endpoints=("lm_loss",))
+    text = gpu_study.summary_table(found, summarise(results, variants=plan.variants, reference="a"))
+    assert "| a | 3 | 3.1000 ± 0.100 |  |" in text
+    assert "| b | 3 | 2.9833 ± 0.076 | -0.1167 [" in text and "MDE" in text
