@@ -68,8 +68,6 @@ def test_metrics_of_a_report_are_flat_and_numeric():
                                                                      "delta_ppl/all_layers"]
     assert metrics["routing/mi/mean"] == 0.3 and "routing/not_a_number" not in metrics
     assert metrics_of({"step": 1}) == {}
-    tasks = {"tasks": {"cloze": {"acc": 0.4, "acc_stderr": 0.02, "per_domain": {"math": {"acc": 0.5}}}}}
-    assert metrics_of(tasks) == {"tasks/cloze/acc": 0.4, "tasks/cloze/acc/math": 0.5}
 
 
 def test_scalars_keep_the_last_value_of_a_step_logged_twice(tmp_path):

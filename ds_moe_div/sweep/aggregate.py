@@ -103,13 +103,6 @@ def metrics_of(report: dict) -> dict[str, float]:
     for key, value in (report.get("routing") or {}).items():
         if (v := _number(value)) is not None:
             metrics[key] = v
-    for task, result in (report.get("tasks") or {}).items():  # eval --tasks (e.g. the built-in cloze)
-        for key in ("acc", "acc_norm"):
-            if (v := _number((result or {}).get(key))) is not None:
-                metrics[f"tasks/{task}/{key}"] = v
-        for domain, values in ((result or {}).get("per_domain") or {}).items():
-            if (v := _number((values or {}).get("acc"))) is not None:
-                metrics[f"tasks/{task}/acc/{domain}"] = v
     return metrics
 
 

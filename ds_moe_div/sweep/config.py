@@ -15,8 +15,6 @@ Schema (JSON; unknown keys fail with their dotted path, like the experiment conf
      "output_dir": "runs/sweeps/objectives",               # default runs/sweeps/<name>
      "num_ranks": 2, "reference": "baseline",              # the variant the table's differences refer to
      "eval": {"split": "test", "permutation_seeds": 3, "max_batches": 50, "domain_column": "domain"},
-     "endpoints": ["lm_loss"],                            # the pre-registered family (Holm over contrasts x endpoints)
-     "contrasts": ["ed3_0.01", {"variant": "ed49", "reference": "baseline49"}],  # default: every variant vs reference
      "quick": {"base_config": "...", "overrides": [...], "seeds": [0], "variants": ["baseline", ...]}}
 
 An override value may contain `{seed}` (replaced by the run's seed, e.g. a shuffle seed per run).
@@ -26,8 +24,10 @@ WarmupCosineLR scheduler's total_num_steps to each run's train.steps, also where
 another value (in a copy of the file written into the run dir); false keeps the file's value, and a value
 that disagrees with train.steps is then refused by the trainer.
 
-`contrasts` are the paired comparisons the effects table reports (sweep/effects.py): each variant against
-its `reference` (the sweep's by default), seed by seed. `endpoints` name the metrics of the family that
+Two more keys declare the paired comparisons the effects table reports (sweep/effects.py), e.g.
+`"contrasts": ["ed3_0.01", {"variant": "ed49", "reference": "baseline49"}], "endpoints": ["lm_loss"]`:
+`contrasts` compare each variant with its `reference` (the sweep's by default; without `contrasts`, every
+variant with the sweep's reference), seed by seed. `endpoints` name the metrics of the family that
 Holm's correction runs over (run metrics as in runs.csv: lm_loss, lm_loss/<domain>,
 delta_logppl/layer_<i>, routing/<...>/mean, final/val_lm_loss, or a metric a later eval adds); every
 other metric is reported unadjusted, as exploratory.
