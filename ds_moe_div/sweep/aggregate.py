@@ -216,13 +216,16 @@ def markdown(summaries: list[VariantSummary], results: list[RunResult], *, title
     return "\n".join(text)
 
 
-def to_csv(rows: list[dict]) -> str:
+def _csv(rows: list[dict]) -> str:
     columns = list(dict.fromkeys(k for row in rows for k in row))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
+
+
+to_csv = _csv  # the one CSV writer of the sweep tables (effects.py uses it too)
 
 
 def write_tables(summaries: list[VariantSummary], results: list[RunResult], out_dir: Path, *, title: str,
@@ -243,7 +246,7 @@ def write_tables(summaries: list[VariantSummary], results: list[RunResult], out_
     paths = [out_dir / "comparison.md", out_dir / "comparison.csv", out_dir / "runs.csv"]
     fileio.write_text(paths[0], markdown(summaries, results, title=title, split=split, reference=reference,
                                     figures=figures))
-    fileio.write_text(paths[1], to_csv(rows))
+    fileio.write_text(paths[1], _csv(rows))
     if write_runs:
-        fileio.write_text(paths[2], to_csv(per_run))
+        fileio.write_text(paths[2], _csv(per_run))
     return paths if write_runs else paths[:2]
