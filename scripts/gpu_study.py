@@ -9,7 +9,8 @@ micro-batch 64 on one rank, 400 steps = 13.1M tokens per run, bf16 ZeRO-2 from
 ds_configs/ds_zero2_gpu_bf16_study.json, global-batch l_aux 1e-3, capacity 2.0 with the drop fraction
 reported, mixed packing), executed by the sweep runner with every run on its own single-rank launcher
 (round-robin over the visible GPUs; all six on GPU 0 when there is one), each evaluated on the whole test
-split. Designed to fit in ~9 minutes on one H100/H200; the time it took is written to summary.md.
+split. Sized to fit in ~9 minutes on one H100/H200 (not yet measured: no GPU was lent when it was
+written); the time it took is written to summary.md.
 Outputs: runs/sweeps/gpu_study/<variant>/seed<k>/ (run dirs) and docs/results/gpu/ (runs.csv, comparison.md,
 effects.md/.csv, figures, summary.md). Without a GPU it refuses with one line and exit code 2.
 """
@@ -133,11 +134,7 @@ def environment_text() -> str:
 
 
 def run_study(args) -> int:
-    from ds_moe_div import fileio
     from ds_moe_div.data import prepare_data
-    from ds_moe_div.sweep.aggregate import collect, read_runs_csv, summarise
-    from ds_moe_div.sweep.cli import write_comparison
-    from ds_moe_div.sweep.effects import effects
     from ds_moe_div.sweep.runner import execute
 
     os.chdir(ROOT)
@@ -146,17 +143,30 @@ def run_study(args) -> int:
     prepare_data(plan.runs[0].config.data)  # once, before six processes would each build the cache
     started = time.monotonic()
     outcomes = execute(plan, list(plan.runs), slots=slots(len(plan.runs)), on_cpu=False, progress=False)
-    minutes = (time.monotonic() - started) / 60
+    text = write_results(plan, outcomes, (time.monotonic() - started) / 60, Path(args.out))
+    print(f"\n{text}\n\nresults in {args.out}/")
+    failed = [o for o in outcomes if not o.ok]
+    for o in failed:
+        print(f"FAILED {o.run.key}: {o.message}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def write_results(plan: Plan, outcomes, minutes: float, out: Path) -> str:
+    """Tables in the run dirs' folder, copied to `out` and rebuilt there from its runs.csv (so that effects.md
+    names the command that regenerates it), summary.md; returns the summary table."""
+    from ds_moe_div import fileio
+    from ds_moe_div.sweep.aggregate import read_runs_csv, summarise
+    from ds_moe_div.sweep.cli import write_comparison
+    from ds_moe_div.sweep.effects import effects
+
     write_comparison(plan)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name in COPIED:
         if (plan.output_dir / name).is_file():
             shutil.copyfile(plan.output_dir / name, out / name)
-    write_comparison(plan, out / "runs.csv")  # effects.md there names the command that regenerates it
-    results = read_runs_csv(out / "runs.csv", list(plan.runs), plan.eval, num_ranks=1) \
-        if (out / "runs.csv").is_file() else collect(list(plan.runs), plan.eval, num_ranks=1)
-    summaries = summarise(results, variants=plan.variants, reference="baseline")
+    write_comparison(plan, out / "runs.csv")
+    results = read_runs_csv(out / "runs.csv", list(plan.runs), plan.eval, num_ranks=plan.sweep.num_ranks)
+    summaries = summarise(results, variants=plan.variants, reference=plan.sweep.reference_variant)
     found, _ = effects(results, contrasts=plan.sweep.contrast_pairs(), endpoints=plan.sweep.endpoints)
     text = summary_table(found, summaries)
     per_run = "\n".join(f"- {o.run.key}: {'ok' if o.ok else 'FAILED'}, {o.seconds / 60:.1f} min ({o.message})"
@@ -166,11 +176,7 @@ def run_study(args) -> int:
         f"{len(plan.runs)} runs side by side, {tokens_per_run(plan):,} tokens each, {minutes:.1f} min wall "
         f"in all (training + evaluation).\n\n{text}\n\nRuns:\n{per_run}\n\nPaired statistics: "
         "[effects.md](effects.md); per-run metrics: [runs.csv](runs.csv).\n"))
-    print(f"\n{text}\n\n{len(plan.runs)} runs in {minutes:.1f} min; results in {out}/")
-    failed = [o for o in outcomes if not o.ok]
-    for o in failed:
-        print(f"FAILED {o.run.key}: {o.message}", file=sys.stderr)
-    return 1 if failed else 0
+    return text
 
 
 def main(argv=None) -> int:

@@ -76,3 +76,24 @@ def test_summary_table_has_the_paired_effect(tmp_path):
     text = gpu_study.summary_table(found, summarise(results, variants=plan.variants, reference="a"))
     assert "| a | 3 | 3.1000 ± 0.100 |  |" in text
     assert "| b | 3 | 2.9833 ± 0.076 | -0.1167 [" in text and "MDE" in text
+
+
+def test_results_are_copied_rebuilt_from_runs_csv_and_summarised(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import gpu_study
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    from ds_moe_div.sweep.runner import Outcome
+    from tests.test_sweep_effects import make_plan
+
+    plan = make_plan(tmp_path, contrasts=["b"])
+    outcomes = [Outcome(run, True, True, "trained and evaluated in 60 s", 60.0) for run in plan.runs]
+    out = tmp_path / "docs_results_gpu"
+    text = gpu_study.write_results(plan, outcomes, 1.5, out)
+    assert "| b | 3 | 2.9833 ± 0.076 | -0.1167 [" in text
+    for name in ("runs.csv", "comparison.md", "effects.md", "effects.csv", "loss_curves.png", "summary.md"):
+        assert (out / name).stat().st_size > 0, name
+    assert f"--runs-csv {out / 'runs.csv'}" in (out / "effects.md").read_text()
+    summary = (out / "summary.md").read_text()
+    assert "9 runs side by side" in summary and "1.5 min wall" in summary and "- a/seed0: ok, 1.0 min" in summary
