@@ -151,6 +151,7 @@ def test_report_files_and_figures_are_written(one_rank):
     saved = json.loads((out / "report.json").read_text())
     assert saved["lm_loss"] == report["lm_loss"] and saved["config"]["train"]["steps"] == STEPS
     assert saved["checkpoint"].endswith(f"global_step{STEPS}") and saved["step"] == STEPS
+    assert saved["eval"]["split_global_batches"] >= saved["eval"]["global_batches"] >= 1  # the split's size
     for figure in ("heatmap_layer_0", "heatmap_layer_1", "heatmap_all_layers", "delta_ppl"):
         png = out / "figures" / f"{figure}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

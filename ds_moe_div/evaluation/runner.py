@@ -179,8 +179,8 @@ def evaluate(args) -> dict:
                          **{f"layer_{lid}": [p[i].tolist() for p in perms] for i, lid in enumerate(layer_ids)}},
         "routing": {**stats.scalars(names), **paper_scalars}, "silhouette": silhouette,
         "routing_matrices": _matrices(stats), "figures": [],
-        "eval": _settings(loaded, args, steps=steps, passes=passes, seconds=time.perf_counter() - started,
-                          out_dir=out_dir),
+        "eval": {**_settings(loaded, args, steps=steps, passes=passes, seconds=time.perf_counter() - started,
+                             out_dir=out_dir), "split_global_batches": len(loader)},  # the whole split's size
         "config": loaded.saved_config, "warnings": [warning] if warning else [],
     }
     if info.is_main:

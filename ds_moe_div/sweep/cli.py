@@ -2,12 +2,16 @@
 
     python -m ds_moe_div sweep ds_configs/sweeps/objectives.json [--quick] [--dry-run] [--only VARIANT ...]
     python -m ds_moe_div sweep ds_configs/sweeps/objectives.json --aggregate-only   # tables + plots only
+    python -m ds_moe_div sweep ds_configs/sweeps/objectives.json --aggregate-only \
+        --runs-csv docs/results/objectives/runs.csv      # tables from a committed runs.csv, next to it
 
 Finished runs are skipped, interrupted ones resumed (rerunning the same command continues a sweep);
 a failed run is reported and the others go on; the exit code is 1 when any run failed. Outputs in the
 sweep's output_dir: <variant>/seed<k>/ (run dirs, with train.log), comparison.md, comparison.csv,
-runs.csv, loss_curves.png, delta_ppl_per_layer.png, heatmaps.png. See ds_moe_div/sweep/config.py for
-the file format.
+runs.csv, effects.md, effects.csv (paired effects of the sweep's contrasts, sweep/effects.py),
+loss_curves.png, delta_ppl_per_layer.png, heatmaps.png. With --runs-csv no run dir is read: comparison.md,
+comparison.csv, effects.md and effects.csv are rebuilt next to that file from its rows (the figures there
+are kept). See ds_moe_div/sweep/config.py for the file format.
 """
 from __future__ import annotations
 
@@ -21,8 +25,9 @@ from pathlib import Path
 from ds_moe_div import rundir
 from ds_moe_div.cli import prog
 from ds_moe_div.config_loader import ConfigError
-from ds_moe_div.sweep.aggregate import collect, summarise, write_tables
+from ds_moe_div.sweep.aggregate import collect, read_runs_csv, summarise, write_tables
 from ds_moe_div.sweep.config import load_sweep
+from ds_moe_div.sweep.effects import effects, write_effects
 from ds_moe_div.sweep.launch import eval_command, train_command
 from ds_moe_div.sweep.plan import Plan, State, build_plan, detect, select
 from ds_moe_div.sweep.plots import plot_all
@@ -38,8 +43,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--verbose", action="store_true", help="with --dry-run: also each run's commands")
     parser.add_argument("--only", nargs="+", metavar="VARIANT", help="run only these variants (and those they start from)")
     parser.add_argument("--aggregate-only", action="store_true", help="only rebuild the tables and plots")
+    parser.add_argument("--runs-csv", type=Path, metavar="FILE",
+                        help="with --aggregate-only: rebuild the tables from this runs.csv, next to it")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.runs_csv is not None and not args.aggregate_only:
+        parser.error("--runs-csv goes with --aggregate-only (it rebuilds tables, it runs nothing)")
+    return args
 
 
 # The dry run's state column: new (nothing trained), partial (a checkpoint before train.steps), trained
@@ -87,15 +97,42 @@ def print_plan(plan: Plan, runs, *, verbose: bool = False) -> None:
             print("  eval:  " + shlex.join(eval_command(run, plan.eval)))
 
 
-def write_comparison(plan: Plan) -> list[Path]:
-    """Tables and plots over every run of the plan that has an eval report."""
-    results = collect(list(plan.runs), plan.eval)
+def _shown(path: Path) -> str:
+    path = Path(path).resolve()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+
+def regenerate_command(plan: Plan, runs_csv: Path | None) -> str:
+    cmd = ["python", "-m", "ds_moe_div.sweep", _shown(plan.sweep_file), "--aggregate-only"]
+    cmd += ["--quick"] if plan.quick else []
+    cmd += ["--runs-csv", _shown(runs_csv)] if runs_csv is not None else []
+    return shlex.join(cmd)
+
+
+def write_comparison(plan: Plan, runs_csv: Path | None = None) -> list[Path]:
+    """Tables and plots over every run of the plan that has an eval report, or over the rows of runs_csv
+    (tables only, written next to it)."""
+    ranks = plan.sweep.num_ranks
+    if runs_csv is None:
+        results, out_dir = collect(list(plan.runs), plan.eval, num_ranks=ranks), plan.output_dir
+    else:
+        results = read_runs_csv(runs_csv, list(plan.runs), plan.eval, num_ranks=ranks)
+        out_dir = Path(runs_csv).resolve().parent
     reference = plan.sweep.reference_variant if plan.sweep.reference_variant in plan.variants else None
     summaries = summarise(results, variants=plan.variants, reference=reference)
-    figures = plot_all(results, summaries, plan.variants, plan.output_dir)
+    if runs_csv is None:
+        figures = plot_all(results, summaries, plan.variants, out_dir)
+    else:  # no curves or heatmaps in a runs.csv: keep the figures already there
+        figures = [out_dir / n for n in ("loss_curves.png", "delta_ppl_per_layer.png", "heatmaps.png")
+                   if (out_dir / n).is_file()]
     title = plan.sweep.name + (" (quick)" if plan.quick else "")
-    return write_tables(summaries, results, plan.output_dir, title=title, split=plan.eval.split,
-                        reference=reference, figures=[f.name for f in figures]) + figures
+    contrasts = [(v, r) for v, r in plan.sweep.contrast_pairs() if v in plan.variants and r in plan.variants]
+    found, pairings = effects(results, contrasts=contrasts, endpoints=plan.sweep.endpoints)
+    paths = write_tables(summaries, results, out_dir, title=title, split=plan.eval.split, reference=reference,
+                         figures=[f.name for f in figures], write_runs=runs_csv is None)
+    paths += write_effects(found, pairings, results, out_dir, title=title, endpoints=plan.sweep.endpoints,
+                           command=regenerate_command(plan, runs_csv))
+    return paths + (figures if runs_csv is None else [])
 
 
 def _interrupt(signum, frame) -> None:
@@ -107,6 +144,12 @@ def main(argv=None) -> int:
     try:
         plan = build_plan(load_sweep(args.sweep), args.sweep, quick=args.quick)
         runs = select(plan, args.only)
+        if args.runs_csv is not None:
+            if not args.runs_csv.is_file():
+                raise ValueError(f"--runs-csv {args.runs_csv}: no such file")
+            paths = write_comparison(plan, args.runs_csv)
+            print("\n".join(f"  {p}" for p in paths))
+            return 0
     except (ConfigError, ValueError) as e:
         print(f"ds_moe_div.sweep: error: {e}", file=sys.stderr)
         return 2

@@ -23,6 +23,14 @@ train.seed / train.run_dir / train.init_from. `schedule_follows_steps` (default 
 WarmupCosineLR scheduler's total_num_steps to each run's train.steps, also where the DeepSpeed file sets
 another value (in a copy of the file written into the run dir); false keeps the file's value, and a value
 that disagrees with train.steps is then refused by the trainer.
+
+Two more keys declare the paired comparisons the effects table reports (sweep/effects.py), e.g.
+`"contrasts": ["ed3_0.01", {"variant": "ed49", "reference": "baseline49"}], "endpoints": ["lm_loss"]`:
+`contrasts` compare each variant with its `reference` (the sweep's by default; without `contrasts`, every
+variant with the sweep's reference), seed by seed. `endpoints` name the metrics of the family that
+Holm's correction runs over (run metrics as in runs.csv: lm_loss, lm_loss/<domain>,
+delta_logppl/layer_<i>, routing/<...>/mean, final/val_lm_loss, or a metric a later eval adds); every
+other metric is reported unadjusted, as exploratory.
 """
 from __future__ import annotations
 
@@ -77,6 +85,32 @@ class EvalSpec:
 
 
 @dataclass(frozen=True)
+class ContrastSpec:
+    """One paired comparison: `variant` minus `reference` (None: the sweep's reference), seed by seed."""
+    variant: str
+    reference: str | None = None
+
+
+_ENDPOINT = re.compile(r"[A-Za-z0-9_.+-]+(/[A-Za-z0-9_.+-]+)*")
+
+
+def _check_effects(sweep: SweepConfig) -> None:
+    _require(len(sweep.endpoints) >= 1 and len(set(sweep.endpoints)) == len(sweep.endpoints),
+             f"endpoints={list(sweep.endpoints)}: name at least one metric (e.g. lm_loss), each once")
+    bad = [e for e in sweep.endpoints if not _ENDPOINT.fullmatch(e)]
+    _require(not bad, f"endpoints {bad}: write metric names as in runs.csv, e.g. lm_loss or lm_loss/math")
+    seen = set()
+    for i, c in enumerate(sweep.contrasts or ()):
+        ref = c.reference or sweep.reference_variant
+        for key, name in (("variant", c.variant), ("reference", ref)):
+            _require(name in sweep.variants, f"contrasts[{i}].{key}={name!r} is not a variant; variants: "
+                     f"{list(sweep.variants)}")
+        _require(c.variant != ref, f"contrasts[{i}]: {c.variant!r} against itself; name another reference")
+        _require((c.variant, ref) not in seen, f"contrasts[{i}]: {c.variant!r} vs {ref!r} is listed twice")
+        seen.add((c.variant, ref))
+
+
+@dataclass(frozen=True)
 class QuickSpec:
     """The --quick version: minutes on a CPU, what CI smoke-tests."""
     overrides: tuple[str, ...] = ()
@@ -105,6 +139,8 @@ class SweepConfig:
     schedule_follows_steps: bool = True
     eval: EvalSpec = field(default_factory=EvalSpec)
     quick: QuickSpec | None = None
+    endpoints: tuple[str, ...] = ("lm_loss",)
+    contrasts: tuple[ContrastSpec, ...] | None = None  # None: every other variant against `reference`
 
     def __post_init__(self):
         _require(bool(_NAME.fullmatch(self.name)), f"name={self.name!r}: use letters, digits and _.+-")
@@ -121,10 +157,17 @@ class SweepConfig:
         unknown = [v for v in (self.quick.variants or ()) if v not in self.variants] if self.quick else []
         _require(not unknown, f"quick.variants names unknown variants {unknown}; variants: {list(self.variants)}")
         dependency_order(self.variants)  # raises on a cycle
+        _check_effects(self)
 
     @property
     def reference_variant(self) -> str:
         return self.reference or next(iter(self.variants))
+
+    def contrast_pairs(self) -> list[tuple[str, str]]:
+        """(variant, reference) of every declared contrast; by default every variant vs the reference."""
+        if self.contrasts is None:
+            return [(v, self.reference_variant) for v in self.variants if v != self.reference_variant]
+        return [(c.variant, c.reference or self.reference_variant) for c in self.contrasts]
 
 
 def dependency_order(variants: dict[str, VariantSpec]) -> list[str]:
@@ -168,6 +211,9 @@ def _normalise(data: dict) -> dict:
     variants = data.get("variants")
     if isinstance(variants, dict):
         data = dict(data, variants={k: {"overrides": v} if isinstance(v, list) else v for k, v in variants.items()})
+    contrasts = data.get("contrasts")
+    if isinstance(contrasts, list):  # "variant" is short for {"variant": "variant"}
+        data = dict(data, contrasts=[{"variant": c} if isinstance(c, str) else c for c in contrasts])
     return data
 
 
