@@ -4,6 +4,7 @@
     ds-moe-div prepare-corpus --out data/builtin --tier lite --mb-per-subdomain 1
     ds-moe-div eval --run-dir runs/tiny [--checkpoint global_step200] [--max-batches 32] [--tensorboard]
     ds-moe-div compare runs/baseline runs/ed_0.01 --names baseline ed
+    ds-moe-div generate runs/tiny --prompt "def add(a, b):" [--max-new-tokens 64 --temperature 0.8 --top-p 0.95]
 
 Multi-process training and evaluation go through the `deepspeed` launcher with scripts/train.py and
 scripts/evaluate.py (same arguments).
@@ -19,6 +20,7 @@ COMMANDS = {
     "eval": ("ds_moe_div.evaluation.runner", "evaluate a checkpoint: held-out PPL, delta-PPL, routing report"),
     "compare": ("ds_moe_div.evaluation.compare", "side-by-side table of several runs' evaluation reports"),
     "sweep": ("ds_moe_div.sweep.cli", "run a sweep of variants x seeds, evaluate each, compare"),
+    "generate": ("ds_moe_div.evaluation.generation", "generate text from a checkpoint (greedy or sampled, 1 process)"),
 }
 
 

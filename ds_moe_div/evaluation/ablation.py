@@ -32,7 +32,7 @@ class RoutingOverride:
     """(logits_TE, k) -> (logits with masked experts at -inf, k' or k); installed on RoutingGate."""
 
     def __init__(self, masked: Sequence[int] = (), k: int | None = None, num_experts: int | None = None) -> None:
-        self.masked, self.k = sorted(set(int(e) for e in masked)), k
+        self.masked, self.k = sorted({int(e) for e in masked}), k
         if num_experts is not None and any(not 0 <= e < num_experts for e in self.masked):
             raise ValueError(f"masked experts {self.masked} outside 0..{num_experts - 1}")
 

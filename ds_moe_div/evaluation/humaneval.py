@@ -44,7 +44,7 @@ def check_program(problem: dict, completion: str, *, timeout: float = 5.0) -> tu
         path.write_text(program_text(problem, completion))
         try:
             proc = subprocess.run([sys.executable, "-I", str(path)], cwd=tmp, capture_output=True, text=True,
-                                  timeout=timeout, stdin=subprocess.DEVNULL)
+                                  timeout=timeout, stdin=subprocess.DEVNULL, check=False)
         except subprocess.TimeoutExpired:
             return False, "timed out"
     if proc.returncode == 0:

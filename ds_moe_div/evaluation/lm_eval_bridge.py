@@ -59,7 +59,7 @@ class DsMoeLM(LM):
         return out
 
 
-def run_lm_eval(lm: DsMoeLM, tasks: Sequence[str], *, include_path=None, limit: int | float | None = None,
+def run_lm_eval(lm: DsMoeLM, tasks: Sequence[str], *, include_path=None, limit: float | None = None,
                 num_fewshot: int | None = None, seed: int = 0) -> dict:
     """lm_eval.simple_evaluate on `lm`; returns its "results" ({task: {"acc,none": ..., ...}})."""
     import lm_eval

@@ -147,9 +147,11 @@ def _figures_section(r: dict) -> list[str]:
 
 
 def render_markdown(report: dict) -> str:
+    from ds_moe_div.evaluation.task_report import markdown_sections  # it imports this module
+
     config = json.dumps(report["config"], indent=2)
     lines = [*_header(report), *_loss_section(report), *_delta_section(report), *_routing_section(report),
-             *_figures_section(report), "## Config", "",
+             *markdown_sections(report), *_figures_section(report), "## Config", "",
              "<details><summary>the run's resolved experiment config</summary>", "", "```json", config, "```", "",
              "</details>", ""]
     return "\n".join(lines)

@@ -3,6 +3,7 @@
     python -m ds_moe_div eval --run-dir runs/tiny [--checkpoint global_step200] [--split test]
         [--max-batches 32|all] [--permutation-seeds 3] [--domain-column group] [--as-trained-labels]
         [--micro-batch-size 8] [--out DIR] [--tensorboard]
+        [--tasks cloze,humaneval,arc_easy] [--ablation auto|on|off]   (see evaluation/tasks.py)
     deepspeed --num_gpus 2 scripts/evaluate.py --run-dir runs/tiny ...
 
 One pass over the held-out batches gives the loss per domain and the routing statistics together; the
@@ -34,6 +35,7 @@ from ds_moe_div import rundir
 from ds_moe_div.checkpoint import CheckpointError, tokenizer_digest
 from ds_moe_div.config_loader import ConfigError
 from ds_moe_div.data import BatchLoader, DataError
+from ds_moe_div.evaluation import tasks as eval_tasks
 from ds_moe_div.evaluation.heldout import heldout_sums, summarize
 from ds_moe_div.evaluation.loading import LoadedCheckpoint, load_for_eval, working_dir
 from ds_moe_div.evaluation.permutation import (
@@ -74,6 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tensorboard", action="store_true", help="also log to <out>/tensorboard")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    eval_tasks.add_arguments(parser)
     args = parser.parse_args(argv)
     if not (args.run_dir or args.checkpoint):
         parser.error("give --run-dir (and optionally --checkpoint TAG) or --checkpoint PATH")
@@ -130,13 +133,14 @@ def evaluate(args) -> dict:
     info, engine, moe = loaded.info, loaded.engine, loaded.cfg.model.moe
     as_trained = args.as_trained_labels
     split, names, column, labels = _held_out(loaded, args.split, args.domain_column, as_trained)
+    eval_tasks.check_tasks(args, info.world_size)
     loader = BatchLoader(split, micro_batch_size=loaded.micro_batch_size, rank=info.rank,
                          world_size=info.world_size, shuffle=False, loop=False)
     steps = len(loader) if args.max_batches is None else min(args.max_batches, len(loader))
     layers = loaded.model.moe_layers()
     layer_ids = [layer.layer_id for layer in layers]
     seeds = list(range(args.permutation_seeds))
-    passes = 1 + (len(layers) + 1) * len(seeds)
+    passes = 1 + (len(layers) + 1) * len(seeds) + eval_tasks.ablation_passes(args, len(names), moe.k, moe.num_experts)
     bar = tqdm(total=passes * steps, desc="eval", unit="batch", disable=not (info.is_main and show),
                dynamic_ncols=True)
 
@@ -151,7 +155,10 @@ def evaluate(args) -> dict:
     perms = draw_permutations(len(layers), moe.num_experts, seeds)
     delta = router_permutation_delta(run_pass, layers, layer_ids, base, perms, progress=bar.set_postfix_str) \
         if seeds else {}
+    ablation = eval_tasks.run_ablation(args, run_pass, layers, layer_ids, stats, base, k=moe.k,
+                                       num_experts=moe.num_experts, progress=bar.set_postfix_str)
     bar.close()
+    task_results = eval_tasks.run_tasks(args, loaded, split, names)
     out_dir = Path(args.out) if args.out else default_out(loaded, args.split, column, as_trained=as_trained)
     report = {
         "checkpoint": str(loaded.tag_dir), "run_dir": str(loaded.run_dir), "tag": loaded.tag_dir.name,
@@ -163,6 +170,7 @@ def evaluate(args) -> dict:
         "permutations": {"kind": "derangement", "seeds": seeds,
                          **{f"layer_{lid}": [p[i].tolist() for p in perms] for i, lid in enumerate(layer_ids)}},
         "routing": stats.scalars(names), "routing_matrices": _matrices(stats), "figures": [],
+        "ablation": ablation, "tasks": task_results,
         "eval": _settings(loaded, args, steps=steps, passes=passes, seconds=time.perf_counter() - started,
                           out_dir=out_dir),
         "config": loaded.saved_config,
@@ -210,6 +218,8 @@ def _write_outputs(report: dict, stats, out_dir: Path, *, tensorboard: bool) -> 
     figures = plots.routing_figures(stats, names)
     if report["delta_ppl"]:
         figures["delta_ppl"] = plots.delta_ppl_figure(report["delta_ppl"], names)
+    if report.get("ablation", {}).get("masked") or report.get("ablation", {}).get("keep_k"):
+        figures["expert_ablation"] = plots.ablation_figure(report["ablation"], report["ablation"]["keep_k"], names)
     report["figures"] = plots.save_figures(figures, out_dir)
     write_report(report, out_dir)
     if tensorboard:
@@ -238,7 +248,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         report = evaluate(args)
-    except (CheckpointError, ConfigError, DataError, ValueError) as e:
+    except (CheckpointError, ConfigError, DataError, ValueError, ImportError) as e:
         print(f"ds_moe_div eval: error: {e}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
@@ -256,5 +266,7 @@ def summary_text(report: dict) -> str:
     lines += [f"  delta-PPL {key}: {fmt(entry['mean'], 3)} ± {fmt(entry['std'], 3)}"
               for key, entry in report["delta_ppl"].items()]
     lines.append(f"  I(D;E), mean over layers: {fmt(report['routing'].get('routing/mi/mean'))} nats")
+    from ds_moe_div.evaluation.task_report import summary_lines
+    lines += summary_lines(report)
     lines.append(f"  report: {report['eval']['out_dir']}/report.md")
     return "\n".join(lines)
