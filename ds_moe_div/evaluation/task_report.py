@@ -134,3 +134,9 @@ def compare_rows(reports: list[dict]) -> list[tuple[str, str, list, list | None]
             rows.append((key, f"{key.removeprefix('routing/').removesuffix('/mean')}, mean over layers",
                          [r.get("routing", {}).get(key) for r in reports], None))
     return rows
+
+
+def flat_metrics(report: dict) -> dict[str, float]:
+    """{compare key: value} of one report's task and ablation metrics (for the sweep's tables)."""
+    return {key: values[0] for key, _, values, _ in compare_rows([report])
+            if not key.startswith("routing/") and isinstance(values[0], (int, float))}
