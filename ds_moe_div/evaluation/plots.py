@@ -86,9 +86,10 @@ def ablation_figure(ablation: dict, keep_k: dict, domain_names: Sequence[str]):
     grid = np.array([[np.nan if masked[r]["per_domain"][c]["rel"] is None else masked[r]["per_domain"][c]["rel"]
                       for c in domain_names] for r in rows], dtype=float).reshape(len(rows), len(domain_names))
     image = ax.imshow(grid, cmap="viridis", aspect="auto")
+    middle = np.nanmean(grid) if np.isfinite(grid).any() else 0.0
     for (i, j), value in np.ndenumerate(grid):
         ax.text(j, i, "n/a" if np.isnan(value) else f"{value:+.2f}", ha="center", va="center", fontsize=7,
-                color="white")
+                color="black" if value > middle else "white")
     ax.set_xticks(range(len(domain_names)), domain_names, rotation=45, ha="right")
     ax.set_yticks(range(len(rows)), [f"mask {r}" for r in rows])
     ax.set_title(f"expert ablation: PPL / PPL_base - 1 (top-{ablation.get('top_m')} experts per layer)", fontsize=9)

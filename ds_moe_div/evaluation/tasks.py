@@ -31,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="cloze, humaneval and/or lm-eval task names (one process only)")
     group.add_argument("--task-limit", type=int, metavar="N", help="at most N examples per lm-eval task / HumanEval")
     group.add_argument("--num-fewshot", type=int, metavar="N", help="lm-eval few-shot examples (task default)")
+    group.add_argument("--lm-eval-include-path", metavar="DIR", help="more lm-eval task YAMLs (TaskManager include_path)")
     group.add_argument("--task-batch-size", type=int, default=16, metavar="N", help="sequences per scoring forward")
     group.add_argument("--cloze-per-domain", type=int, default=50, metavar="N", help="cloze items per domain")
     group.add_argument("--cloze-context-tokens", type=int, default=24, metavar="N")
@@ -100,7 +101,7 @@ def run_tasks(args, loaded, split, names) -> dict:
     if others:
         from ds_moe_div.evaluation.lm_eval_bridge import DsMoeLM, metrics_of, run_lm_eval
         out["lm_eval"] = metrics_of(run_lm_eval(DsMoeLM(scorer), others, limit=args.task_limit,
-                                                num_fewshot=args.num_fewshot))
+                                                num_fewshot=args.num_fewshot, include_path=args.lm_eval_include_path))
     return out
 
 
