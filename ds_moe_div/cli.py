@@ -5,6 +5,7 @@
     python -m ds_moe_div eval --run-dir runs/tiny [--checkpoint global_step200] [--max-batches 32] [--tensorboard]
     python -m ds_moe_div compare runs/baseline runs/ed_0.01 --names baseline ed
     python -m ds_moe_div sweep ds_configs/sweeps/objectives.json --dry-run
+    python -m ds_moe_div generate runs/tiny --prompt "def add(a, b):" [--max-new-tokens 64 --temperature 0.8 --top-p 0.95]
     python -m ds_moe_div --version
 
 Multi-process training and evaluation go through the `deepspeed` launcher with scripts/train.py and
@@ -23,6 +24,7 @@ COMMANDS = {
     "eval": ("ds_moe_div.evaluation.runner", "evaluate a checkpoint: held-out PPL, delta-PPL, routing report"),
     "compare": ("ds_moe_div.evaluation.compare", "side-by-side table of several runs' evaluation reports"),
     "sweep": ("ds_moe_div.sweep.cli", "run a sweep of variants x seeds, evaluate each, compare"),
+    "generate": ("ds_moe_div.evaluation.generation", "generate text from a checkpoint (greedy or sampled, 1 process)"),
 }
 
 

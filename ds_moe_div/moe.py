@@ -29,7 +29,13 @@ class RoutingGate(ds_moe.TopKGate):
 
     DeepSpeed calls `F.linear` on `wg.weight` itself (a hook on `wg` never fires), so the logits are
     computed here and handed to DeepSpeed's own `top1gating` / `top2gating` / `topkgating`.
+
+    `routing_override` (evaluation only, set by `evaluation/ablation.py` within a context manager): a
+    callable (logits_TE, k) -> (logits_TE, k') applied before the top-k; masked experts get -inf logits,
+    and k' != k routes each token to its top-k' experts with DeepSpeed's `topkgating` (weights renormalised).
     """
+
+    routing_override = None
 
     def forward(self, input, used_token=None, sparse_routes=False, use_tutel=False):
         if not sparse_routes or use_tutel:
@@ -39,10 +45,18 @@ class RoutingGate(ds_moe.TopKGate):
             x = ds_moe.multiplicative_jitter(x, device=input.device)
         logits = F.linear(x, self.wg.weight.float())
         capacity_factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        k = self.k
+        if self.routing_override is not None:
+            logits, k = self.routing_override(logits, k)
         bias = self._buffers.get(selection_bias.BUFFER)
-        if bias is not None:  # Loss-Free Balancing: the bias picks the experts, the weights stay unbiased
+        if bias is not None and k == self.k:  # Loss-Free Balancing: the bias picks the experts, the weights stay unbiased
+            if self.routing_override is not None:  # a masked expert (-inf logits) stays unselectable
+                bias = bias.masked_fill(torch.isinf(logits).all(0), float("-inf"))
             return selection_bias.biased_gating(self, logits, bias, capacity_factor), logits
-        if self.k == 1:
+        if k != self.k:
+            out = ds_moe.topkgating(logits, k, capacity_factor, self.min_capacity, self.drop_tokens, self.ep_group,
+                                    sparse_routes=True)
+        elif self.k == 1:
             noisy = self.noisy_gate_policy if self.training else None
             out = ds_moe.top1gating(logits, capacity_factor, self.min_capacity, used_token, noisy, self.drop_tokens,
                                     self.use_rts, self.ep_group, True, False)

@@ -68,7 +68,8 @@ def metric_rows(reports: list[dict]) -> list[tuple[str, str, list, list | None]]
     for tag, label in metrics:
         rows.append((f"routing/{tag}/mean", f"{label}, mean over layers",
                      [r["routing"].get(f"routing/{tag}/mean") for r in reports], None))
-    return rows
+    from ds_moe_div.evaluation.task_report import compare_rows
+    return rows + compare_rows(reports)
 
 
 def _cell(value, std, base, is_base: bool) -> str:

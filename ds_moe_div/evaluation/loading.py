@@ -122,3 +122,52 @@ def _engine(model: MoELanguageModel, micro: int, world_size: int):
     on_gpu = get_accelerator().device_name() != "cpu"
     engine, *_ = deepspeed.initialize(model=model, config=inference_config(micro, world_size, on_gpu=on_gpu))
     return engine, "bf16" if on_gpu else "fp32"
+
+
+@dataclass
+class LoadedModel:
+    """A checkpoint's model and tokenizer only (no data): for generation and task scoring."""
+    tag_dir: Path
+    step: int
+    cfg: ExperimentConfig
+    engine: object
+    model: MoELanguageModel
+    tokenizer: object  # tokenizers.Tokenizer
+    pad_id: int
+    eos_id: int
+    dtype: str
+
+    def scorer(self, batch_size: int = 16):
+        from ds_moe_div.evaluation.scoring import ModelScorer
+        return ModelScorer(self.model, self.tokenizer, eos_id=self.eos_id, pad_id=self.pad_id,
+                           max_length=self.cfg.data.seq_len, batch_size=batch_size)
+
+
+def load_model_only(path, *, tag: str | None = None) -> LoadedModel:
+    """One process, EP=1, whatever ep_size the run trained with: the weights and the checkpoint's own
+    tokenizer.json (the corpus is not needed)."""
+    from ds_moe_div.data.tokenize import load_tokenizer, special_ids
+
+    root, found = checkpoint.resolve_checkpoint(rundir.tag_dir(path, tag) if tag else path)
+    tag_dir = (root / found).resolve()
+    run_config = rundir.read_run_config(tag_dir)
+    tokenizer_file = rundir.tokenizer_path(tag_dir)
+    if not tokenizer_file.is_file():
+        raise checkpoint.CheckpointError(f"{tokenizer_file} is missing: this checkpoint was saved without its "
+                                         "tokenizer; evaluate it with `eval --run-dir` (which rebuilds the data)")
+    info = init_distributed()
+    if info.world_size != 1:
+        raise ValueError(f"generation and task scoring run on one process (world size {info.world_size}); "
+                         "start them with python -m ds_moe_div, not the deepspeed launcher")
+    set_cpu_threads(info)
+    cfg = eval_config(run_config["config"], 1)
+    vocab = int(run_config["architecture"]["vocab_size"])
+    model = MoELanguageModel(cfg.model, vocab_size=vocab, seq_len=cfg.data.seq_len, seed=cfg.train.seed, ep_rank=0)
+    engine, dtype = _engine(model, 1, 1)
+    arch = checkpoint.architecture(to_dict(cfg.model), vocab, tokenizer=tokenizer_file)
+    checkpoint.load(engine, tag_dir, arch=arch, rank=0, module_only=True)
+    engine.eval()
+    tokenizer = load_tokenizer(tokenizer_file)
+    pad_id, eos_id = special_ids(tokenizer)
+    return LoadedModel(tag_dir=tag_dir, step=int(run_config.get("step", 0)), cfg=cfg, engine=engine, model=model,
+                       tokenizer=tokenizer, pad_id=pad_id, eos_id=eos_id, dtype=dtype)

@@ -102,3 +102,41 @@ def log_to_tensorboard(monitor, figures: dict, scalars: dict[str, float], *, ste
     for name, fig in figures.items():
         monitor.image(name, fig, step)
     monitor.flush()
+
+
+def ablation_figure(ablation: dict, keep_k: dict, domain_names: Sequence[str]):
+    """Left: relative PPL change (PPL_masked / PPL - 1) of each evaluated domain (columns) when the top-m
+    experts of a domain (rows) are masked; the diagonal is each domain's own experts. Right: keep-k."""
+    masked = ablation.get("masked", {})
+    panels = 1 + bool(keep_k)
+    fig = Figure(figsize=(4.0 + 0.5 * len(domain_names) + 3.5 * (panels - 1), 1.6 + 0.45 * max(len(masked), 1)),
+                 layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, panels, 1)
+    rows = list(masked)
+    grid = np.array([[np.nan if masked[r]["per_domain"][c]["rel"] is None else masked[r]["per_domain"][c]["rel"]
+                      for c in domain_names] for r in rows], dtype=float).reshape(len(rows), len(domain_names))
+    image = ax.imshow(grid, cmap="viridis", aspect="auto")
+    middle = np.nanmean(grid) if np.isfinite(grid).any() else 0.0
+    for (i, j), value in np.ndenumerate(grid):
+        ax.text(j, i, "n/a" if np.isnan(value) else f"{value:+.2f}", ha="center", va="center", fontsize=7,
+                color="black" if value > middle else "white")
+    ax.set_xticks(range(len(domain_names)), domain_names, rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)), [f"mask {r}" for r in rows])
+    ax.set_title(f"expert ablation: PPL / PPL_base - 1 (top-{ablation.get('top_m')} experts per layer)", fontsize=9)
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    if keep_k:
+        ax = fig.add_subplot(1, panels, 2)
+        labels = list(keep_k)
+        series = [("all tokens", [keep_k[g]["rel"] for g in labels])]
+        series += [(n, [keep_k[g]["per_domain"][n]["rel"] for g in labels]) for n in domain_names]
+        width = 0.8 / len(series)
+        x = np.arange(len(labels))
+        for i, (label, values) in enumerate(series):
+            ax.bar(x + (i - (len(series) - 1) / 2) * width, [np.nan if v is None else v for v in values], width,
+                   label=label, color="black" if i == 0 else None)
+        ax.set_xticks(x, labels)
+        ax.set_ylabel("PPL / PPL_base - 1")
+        ax.set_title("keep-k evaluation", fontsize=9)
+        ax.legend(fontsize=7)
+    return fig

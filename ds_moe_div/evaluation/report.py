@@ -206,10 +206,12 @@ def _training_curves_section(r: dict) -> list[str]:
 
 
 def render_markdown(report: dict) -> str:
+    from ds_moe_div.evaluation.task_report import markdown_sections  # it imports this module
+
     config = json.dumps(report["config"], indent=2)
     lines = [*_header(report), *_loss_section(report), *_delta_section(report), *_routing_section(report),
-             *_top_experts_section(report), *_figures_section(report), *_training_curves_section(report),
-             "## Config", "",
+             *_top_experts_section(report), *markdown_sections(report), *_figures_section(report),
+             *_training_curves_section(report), "## Config", "",
              "<details><summary>the run's resolved experiment config</summary>", "", "```json", config, "```", "",
              "</details>", ""]
     return "\n".join(lines)

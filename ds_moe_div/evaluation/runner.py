@@ -3,6 +3,7 @@
     python -m ds_moe_div eval --run-dir runs/tiny [--checkpoint global_step200] [--split test]
         [--max-batches 32|all] [--permutation-seeds 3] [--domain-column group] [--as-trained-labels]
         [--micro-batch-size 8] [--out DIR] [--tensorboard]
+        [--tasks cloze,humaneval,arc_easy] [--ablation auto|on|off]   (see evaluation/tasks.py)
     deepspeed --num_gpus 2 scripts/evaluate.py --run-dir runs/tiny ...
 
 One pass over the held-out batches gives the loss per domain and the routing statistics together; the
@@ -36,6 +37,7 @@ from ds_moe_div.config_loader import ConfigError
 from ds_moe_div.config_paths import parse_overrides
 from ds_moe_div.data import BatchLoader, DataError
 from ds_moe_div.evaluation import stratify, training_curves
+from ds_moe_div.evaluation import tasks as eval_tasks
 from ds_moe_div.evaluation.heldout import heldout_sums, summarize
 from ds_moe_div.evaluation.loading import LoadedCheckpoint, load_for_eval, working_dir
 from ds_moe_div.evaluation.permutation import (
@@ -80,6 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="point the run at data that moved, e.g. data.corpus_dir=/data/builtin (repeatable; "
                         "data.corpus, data.corpus_dir, data.label_map, data.tokenizer.path, data.cache_dir)")
     parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    eval_tasks.add_arguments(parser)
     args = parser.parse_args(argv)
     if not (args.run_dir or args.checkpoint):
         parser.error("give --run-dir (and optionally --checkpoint TAG) or --checkpoint PATH")
@@ -137,6 +140,7 @@ def evaluate(args) -> dict:
     info, engine, moe = loaded.info, loaded.engine, loaded.cfg.model.moe
     as_trained = args.as_trained_labels
     split, names, column, labels = _held_out(loaded, args.split, args.domain_column, as_trained)
+    eval_tasks.check_tasks(args, info.world_size)
     # With a batch budget, every class gets held-out rows first (stratify.py); the whole split otherwise.
     split, class_rows = stratify.select(split, max_batches=args.max_batches,
                                         global_batch=loaded.micro_batch_size * info.world_size)
@@ -146,7 +150,8 @@ def evaluate(args) -> dict:
     layers = loaded.model.moe_layers()
     layer_ids = [layer.layer_id for layer in layers]
     seeds = list(range(args.permutation_seeds))
-    passes = 2 + (len(layers) + 1) * len(seeds)  # + the specialisation pass (Expert Overlap, Silhouette)
+    passes = 2 + (len(layers) + 1) * len(seeds) + eval_tasks.ablation_passes(args, len(names), moe.k, moe.num_experts)
+    # (+1: the specialisation pass, Expert Overlap and Silhouette)
     bar = progress.bar(total=passes * steps, desc="eval", unit="batch", enabled=info.is_main and show,
                        log_every=max(steps, 1))  # off a terminal: one line per pass
 
@@ -166,7 +171,10 @@ def evaluate(args) -> dict:
     perms = draw_permutations(len(layers), moe.num_experts, seeds)
     delta = router_permutation_delta(run_pass, layers, layer_ids, base, perms, progress=bar.set_postfix_str) \
         if seeds else {}
+    ablation = eval_tasks.run_ablation(args, run_pass, layers, layer_ids, stats, base, k=moe.k,
+                                       num_experts=moe.num_experts, progress=bar.set_postfix_str)
     bar.close()
+    task_results = eval_tasks.run_tasks(args, loaded, split, names)
     out_dir = Path(args.out) if args.out else default_out(loaded, args.split, column, as_trained=as_trained)
     report = {
         "checkpoint": str(loaded.tag_dir), "run_dir": str(loaded.run_dir), "tag": loaded.tag_dir.name,
@@ -178,7 +186,7 @@ def evaluate(args) -> dict:
         "permutations": {"kind": "derangement", "seeds": seeds,
                          **{f"layer_{lid}": [p[i].tolist() for p in perms] for i, lid in enumerate(layer_ids)}},
         "routing": {**stats.scalars(names), **paper_scalars}, "silhouette": silhouette,
-        "routing_matrices": _matrices(stats), "figures": [],
+        "routing_matrices": _matrices(stats), "figures": [], "ablation": ablation, "tasks": task_results,
         "eval": {**_settings(loaded, args, steps=steps, passes=passes, seconds=time.perf_counter() - started,
                              out_dir=out_dir), "split_global_batches": len(loader)},  # the whole split's size
         "config": loaded.saved_config, "warnings": [warning] if warning else [],
@@ -226,6 +234,8 @@ def _write_outputs(report: dict, stats, out_dir: Path, *, tensorboard: bool) -> 
     figures = plots.routing_figures(stats, names)
     if report["delta_ppl"]:
         figures["delta_ppl"] = plots.delta_ppl_figure(report["delta_ppl"], names)
+    if report.get("ablation", {}).get("masked") or report.get("ablation", {}).get("keep_k"):
+        figures["expert_ablation"] = plots.ablation_figure(report["ablation"], report["ablation"]["keep_k"], names)
     report["figures"] = plots.save_figures(figures, out_dir) + training_curves.write_run_figure(report["run_dir"],
                                                                                                 out_dir)
     write_report(report, out_dir)
@@ -255,7 +265,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         report = evaluate(args)
-    except (CheckpointError, ConfigError, DataError, ValueError) as e:
+    except (CheckpointError, ConfigError, DataError, ValueError, ImportError) as e:
         print(f"ds_moe_div eval: error: {e}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
@@ -273,6 +283,8 @@ def summary_text(report: dict) -> str:
     lines += [f"  delta-PPL {key}: {fmt(entry['mean'], 3)} ± {fmt(entry['std'], 3)}"
               for key, entry in report["delta_ppl"].items()]
     lines.append(f"  I(D;E), mean over layers: {fmt(report['routing'].get('routing/mi/mean'))} nats")
+    from ds_moe_div.evaluation.task_report import summary_lines
+    lines += summary_lines(report)
     lines += [f"  {w}" for w in report.get("warnings", [])]
     lines.append(f"  report: {rundir.report_md_path(report['eval']['out_dir'])}")
     return "\n".join(lines)

@@ -103,6 +103,8 @@ def metrics_of(report: dict) -> dict[str, float]:
     for key, value in (report.get("routing") or {}).items():
         if (v := _number(value)) is not None:
             metrics[key] = v
+    from ds_moe_div.evaluation.task_report import flat_metrics
+    metrics.update(flat_metrics(report))  # tasks/... accuracies, ablation/... and keep_k/...
     return metrics
 
 
@@ -212,8 +214,23 @@ def markdown(summaries: list[VariantSummary], results: list[RunResult], *, title
         text += ["## Router-permutation ΔPPL per MoE layer\n",
                  table(["variant", "n"] + [k.split("/")[1] for k in layers] + ["all layers"],
                        _by_metric(summaries, layers + ["delta_ppl/all_layers"])) + "\n"]
+    text += _other_metrics(summaries)
     text += [f"![{Path(f).stem}]({f})\n" for f in figures]
     return "\n".join(text)
+
+
+def _other_metrics(summaries: list[VariantSummary]) -> list[str]:
+    """Task accuracy, expert ablation, and every other routing/<metric>/mean: the union over variants."""
+    shown = {key for key, _ in HEADLINE}
+    sections = [("Downstream tasks and expert ablation", ("tasks/", "ablation/", "keep_k/")),
+                ("Other routing metrics (mean over layers)", ("routing/",))]
+    text = []
+    for title, prefixes in sections:
+        keys = [k for k in dict.fromkeys(k for s in summaries for k in s.mean) if k.startswith(prefixes)
+                and k not in shown and (not k.startswith("routing/") or k.endswith("/mean"))]
+        if keys:
+            text += [f"## {title}\n", table(["variant", "n", *keys], _by_metric(summaries, keys)) + "\n"]
+    return text
 
 
 def _csv(rows: list[dict]) -> str:

@@ -14,7 +14,8 @@ Schema (JSON; unknown keys fail with their dotted path, like the experiment conf
      "seeds": [0, 1, 2],                                   # train.seed=<k>; run dir output_dir/<variant>/seed<k>
      "output_dir": "runs/sweeps/objectives",               # default runs/sweeps/<name>
      "num_ranks": 2, "reference": "baseline",              # the variant the table's differences refer to
-     "eval": {"split": "test", "permutation_seeds": 3, "max_batches": 50, "domain_column": "domain"},
+     "eval": {"split": "test", "permutation_seeds": 3, "max_batches": 50, "domain_column": "domain",
+              "args": ["--tasks", "cloze"]},                    # more `ds-moe-div eval` arguments
      "quick": {"base_config": "...", "overrides": [...], "seeds": [0], "variants": ["baseline", ...]}}
 
 An override value may contain `{seed}` (replaced by the run's seed, e.g. a shuffle seed per run).
@@ -43,6 +44,8 @@ from ds_moe_div.config_loader import ConfigError, from_dict, load_file
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+_EVAL_OWNED = ("--run-dir", "--checkpoint", "--split", "--permutation-seeds", "--max-batches", "--domain-column",
+               "--out")
 
 
 def _require(cond: bool, message: str) -> None:
@@ -78,9 +81,13 @@ class EvalSpec:
     # Label every run's held-out tokens with this corpus column (e.g. "domain"), so that runs trained
     # on other label schemes are compared on the same per-domain PPL and routing statistics.
     domain_column: str | None = None
+    # More arguments of `ds-moe-div eval`, e.g. ["--tasks", "cloze", "--ablation", "on"] (evaluation/tasks.py).
+    args: tuple[str, ...] = ()
 
     def __post_init__(self):
         _require(self.permutation_seeds >= 0, f"permutation_seeds={self.permutation_seeds} must be >= 0")
+        owned = [a for a in self.args if a.split("=", 1)[0] in _EVAL_OWNED]
+        _require(not owned, f"eval.args {owned}: the sweep sets these from eval's own keys and the run; remove them")
         _require(self.max_batches is None or self.max_batches >= 1, f"max_batches={self.max_batches} must be >= 1")
 
 

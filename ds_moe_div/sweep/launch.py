@@ -56,7 +56,7 @@ def eval_command(run: RunSpec, spec: EvalSpec) -> list[str]:
     cmd = [sys.executable, "-m", "ds_moe_div", "eval", "--run-dir", str(run.run_dir), "--split", spec.split,
            "--permutation-seeds", str(spec.permutation_seeds), "--max-batches",
            "all" if spec.max_batches is None else str(spec.max_batches), "--no-progress"]
-    return cmd + (["--domain-column", spec.domain_column] if spec.domain_column else [])
+    return cmd + (["--domain-column", spec.domain_column] if spec.domain_column else []) + list(spec.args)
 
 
 def environment(*, on_cpu: bool, gpu: str | None = None, for_eval: bool = False) -> dict[str, str]:
