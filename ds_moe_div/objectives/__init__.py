@@ -19,8 +19,10 @@ Half-precision inputs are promoted to float32; float32/float64 inputs keep their
 from ds_moe_div.objectives.balance import global_load_balance_loss
 from ds_moe_div.objectives.divergence import (
     domain_routing_sums,
+    domain_token_counts,
     expert_divergence_loss,
     global_domain_means,
+    global_domain_means_and_weights,
     jensen_shannon,
 )
 from ds_moe_div.objectives.orthogonality import orthogonality_loss
@@ -29,8 +31,10 @@ from ds_moe_div.objectives.zloss import router_z_loss
 
 __all__ = [
     "domain_routing_sums",
+    "domain_token_counts",
     "expert_divergence_loss",
     "global_domain_means",
+    "global_domain_means_and_weights",
     "global_load_balance_loss",
     "jensen_shannon",
     "orthogonality_loss",
