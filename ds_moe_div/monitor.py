@@ -11,12 +11,14 @@ from pathlib import Path
 
 
 class Monitor:
-    def __init__(self, log_dir: Path, *, enabled: bool) -> None:
+    def __init__(self, log_dir: Path, *, enabled: bool, purge_step: int | None = None) -> None:
+        """`purge_step`: TensorBoard hides this folder's earlier events at steps >= it (a resumed run
+        passes checkpoint step + 1, so the steps a killed run logged past its checkpoint show once)."""
         self.log_dir = Path(log_dir)
         self._writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
-            self._writer = SummaryWriter(log_dir=str(self.log_dir))
+            self._writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=purge_step)
 
     @property
     def enabled(self) -> bool:

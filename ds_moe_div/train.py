@@ -8,6 +8,7 @@ The loop reads on one screen: `train_step`, `maybe_log`, `maybe_eval`, `maybe_sa
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -18,13 +19,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ds_moe_div import checkpoint
+from ds_moe_div import checkpoint, faults
 from ds_moe_div.composer import ObjectiveComposer
 from ds_moe_div.config import ExperimentConfig, load_experiment
 from ds_moe_div.config_loader import ConfigError
 from ds_moe_div.ds_config import DeepSpeedConfigError, load_ds_config
+from ds_moe_div.interrupt import Interrupted
 from ds_moe_div.log_window import LogWindow
 from ds_moe_div.metrics.tensorboard import log_routing_pictures
+from ds_moe_div.nonfinite import NonFiniteLossError
 from ds_moe_div.session import TrainState, build
 
 
@@ -36,18 +39,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. objectives.divergence.coef=0.01 (repeatable)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.run_dir")
+    parser.add_argument("--resume-from", metavar="TAG", help="continue from this checkpoint tag of train.run_dir "
+                        "(e.g. global_step300); sets train.resume_from")
     parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     return deepspeed.add_config_arguments(parser).parse_args(argv)
 
 
 def load_configs(args) -> tuple[ExperimentConfig, dict]:
     overrides = list(args.override) + (["train.resume=true"] if args.resume else [])
+    if getattr(args, "resume_from", None):
+        overrides.append(f"train.resume_from={json.dumps(args.resume_from)}")
     return load_experiment(args.config, overrides), load_ds_config(args.deepspeed_config)
 
 
-def train_step(engine, batches: Iterator[dict], composer: ObjectiveComposer, window: LogWindow, *, step: int) -> None:
+def train_step(engine, batches: Iterator[dict], composer: ObjectiveComposer, window: LogWindow, *,
+               step: int) -> torch.Tensor:
     """Optimizer step `step` (0-based): `gradient_accumulation_steps` micro-batches from `batches`, one
-    engine.backward each; the losses and routing records go to `window`."""
+    engine.backward each; the losses and routing records go to `window`. Returns the sum of the
+    micro-batches' total losses (detached, on the device: non-finite if any of them was)."""
+    step_loss = None
     for _ in range(engine.gradient_accumulation_steps()):
         batch = {k: v.to(engine.device, non_blocking=True) for k, v in next(batches).items()}
         out = engine(batch["input_ids"], labels_BS=batch["labels"], collect_expert_outputs=composer.needs_expert_outputs)
@@ -55,7 +65,8 @@ def train_step(engine, batches: Iterator[dict], composer: ObjectiveComposer, win
         engine.backward(losses.total)
         engine.step()
         window.add(losses, out, batch)
-
+        step_loss = losses.total.detach() if step_loss is None else step_loss + losses.total.detach()
+    return step_loss
 
 
 def maybe_log(state: TrainState, bar) -> None:
@@ -76,24 +87,30 @@ def maybe_eval(state: TrainState) -> None:
     state.monitor.scalars(state.evaluate(), state.step)
 
 
-def maybe_save(state: TrainState) -> None:
-    if state.step % state.cfg.train.save_interval and state.step != state.cfg.train.steps:
-        return
-    state.save()
+def maybe_save(state: TrainState, *, stop: bool = False) -> Path | None:
+    """Checkpoint at save intervals, the last step, and a step a stop signal ended (`stop`)."""
+    if state.step % state.cfg.train.save_interval and state.step != state.cfg.train.steps and not stop:
+        return None
+    return state.save()
 
 
 def run(state: TrainState) -> None:
-    train = state.cfg.train
+    """The loop; raises Interrupted (SIGINT/SIGTERM: after saving this step), NonFiniteLossError or
+    checkpoint.DiskFullError. See guard.py for the per-step checks."""
+    train, guard = state.cfg.train, state.guard
     with tqdm(total=train.steps, initial=state.step, disable=not (state.info.is_main and train.show_progress),
-              desc="train", unit="step", dynamic_ncols=True) as bar:
+              desc="train", unit="step", dynamic_ncols=True) as bar, guard.signals:
         while state.step < train.steps:
-            train_step(state.engine, state.train_iter, state.composer, state.window, step=state.step)
+            loss = train_step(state.engine, state.train_iter, state.composer, state.window, step=state.step)
             state.step += 1
+            faults.inject("step", step=state.step, rank=state.info.rank)
+            stop = guard.after_step(loss, step=state.step)
             maybe_log(state, bar)
             maybe_eval(state)
-            maybe_save(state)
+            saved = maybe_save(state, stop=stop)
             bar.update(1)
-    state.monitor.close()
+            if stop:
+                raise Interrupted(guard.stop_signal, state.step, saved.name if saved else None)
 
 
 def main(argv=None) -> int:
@@ -108,7 +125,13 @@ def main(argv=None) -> int:
         print(f"ds_moe_div: error: {e}", file=sys.stderr)
         return 2
     started = time.time()
-    run(state)
+    try:
+        run(state)
+    except (Interrupted, NonFiniteLossError, checkpoint.DiskFullError) as e:
+        print(f"ds_moe_div: {'error: ' if not isinstance(e, Interrupted) else ''}{e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    finally:
+        state.close()
     if state.info.is_main:
         run_dir = Path(cfg.train.run_dir).resolve()
         print(f"\nDone: {state.step} steps in {time.time() - started:.0f} s.\n"
