@@ -1,5 +1,6 @@
-"""What the trainer checks after every optimizer step, for all ranks at once: a non-finite loss and a stop
-signal, in ONE all-reduce of two flags (and one host read of them) per step.
+"""What the trainer checks after every optimizer step, for all ranks at once: a non-finite loss (or a step
+the optimizer skipped for non-finite gradients) and a stop signal, in ONE all-reduce of two flags (and
+one host read of them) per step.
 
     guard = RunGuard(max_nonfinite_steps=5)
     with guard.signals:
@@ -23,9 +24,11 @@ class RunGuard:
         self.stop_signal: int | None = None  # agreed over ranks
         self.last_saved: str | None = None
 
-    def after_step(self, loss: torch.Tensor | None, *, step: int) -> bool:
-        """Record this step's loss; True when a stop signal reached any rank (stop after this step)."""
-        nonfinite, stop = any_rank([step_nonfinite(loss), self.signals.received is not None])
+    def after_step(self, loss: torch.Tensor | None, *, step: int, applied: bool = True) -> bool:
+        """Record this step's loss; True when a stop signal reached any rank (stop after this step).
+        `applied=False`: the optimizer skipped the step (DeepSpeed found non-finite gradients), which counts
+        as a non-finite step too."""
+        nonfinite, stop = any_rank([step_nonfinite(loss) | (not applied), self.signals.received is not None])
         if stop and self.stop_signal is None:
             import signal
             self.stop_signal = self.signals.received or signal.SIGINT

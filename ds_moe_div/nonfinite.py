@@ -28,7 +28,8 @@ class NonFiniteCounter:
         self.first_step = step if self.first_step is None else self.first_step
         if self.consecutive >= self.max_steps:
             raise NonFiniteLossError(
-                f"the training loss was non-finite (NaN or inf) for {self.consecutive} consecutive steps "
+                f"the training loss or its gradients were non-finite (NaN or inf; DeepSpeed skips such steps) for "
+                f"{self.consecutive} consecutive steps "
                 f"({self.first_step}..{step}; train.max_nonfinite_steps={self.max_steps}); stopping. The last complete "
                 f"checkpoint is {last_saved or 'none'} (non-finite weights are never saved). Lower the learning "
                 f"rate or a loss coefficient, or check the data, then resume from it")

@@ -110,12 +110,13 @@ def checkpoint_tags(root) -> list[str]:
 
 
 def is_complete(root, tag: str) -> bool:
-    """A tag whose writer finished: it holds the `complete` marker. A tag written before markers existed
-    counts when `latest` names it and its run_config.json is there (latest then moved after it)."""
+    """A tag whose writer finished: it holds the `complete` marker. In a run written before markers existed
+    (no tag has one), the tag `latest` names counts when its run_config.json is there."""
     tag_dir = Path(root) / tag
     if complete_marker(tag_dir).is_file():
         return True
-    return latest_tag(root) == tag and run_config_path(tag_dir).is_file()
+    legacy = not any(complete_marker(Path(root) / t).is_file() for t in checkpoint_tags(root))
+    return legacy and latest_tag(root) == tag and run_config_path(tag_dir).is_file()
 
 
 def complete_tags(root) -> list[str]:

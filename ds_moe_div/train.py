@@ -104,7 +104,7 @@ def run(state: TrainState) -> None:
             loss = train_step(state.engine, state.train_iter, state.composer, state.window, step=state.step)
             state.step += 1
             faults.inject("step", step=state.step, rank=state.info.rank)
-            stop = guard.after_step(loss, step=state.step)
+            stop = guard.after_step(loss, step=state.step, applied=state.engine.was_step_applied())
             maybe_log(state, bar)
             maybe_eval(state)
             saved = maybe_save(state, stop=stop)
