@@ -23,12 +23,10 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    """The uninterrupted 2-rank smoke run (6 steps, checkpoints at 3 and 6), logged every step."""
-    tmp = tmp_path_factory.mktemp("reference")
-    result = launch(tmp, "train.run_dir=run", "train.log_interval=1")
-    assert result.returncode == 0, result.stdout[-6000:]
-    return tmp / "run"
+def reference(smoke_reference) -> Path:
+    """The uninterrupted 2-rank smoke run (6 steps, checkpoints at 3 and 6), logged every step; shared
+    with tests/test_training.py (tests/conftest.py)."""
+    return smoke_reference[0]
 
 
 def _launch_with_fault(tmp_path, fault: str | None, *args):
