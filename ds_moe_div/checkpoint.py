@@ -1,22 +1,43 @@
 """Checkpoints through `engine.save_checkpoint`, with the trainer's client state beside DeepSpeed's.
 
 Layout (its names are owned by rundir.py): <run_dir>/checkpoints/<tag>/ holds DeepSpeed's files,
-`run_config.json` (the resolved experiment config and the architecture facts that must match to load,
-the tokenizer's digest among them), `tokenizer.json` (the tokenizer the run was trained with) and `rng_rank<r>.pt` (each rank's RNG).
+`run_config.json` (the resolved experiment config, the architecture facts that must match to load, the
+tokenizer's digest among them, and the shape: world size and ep_size), `tokenizer.json` (the tokenizer
+the run was trained with), `rng_rank<r>.pt` (each rank's RNG) and the `complete` marker.
 The client state (step, data position, composer state) rides in DeepSpeed's own model-state file.
+
+Crash safety: everything is written into the tag first (DeepSpeed with save_latest=False, then the
+trainer's files, then `complete` once every rank is done); `latest` moves last, atomically (fileio). A
+kill at any moment leaves `latest` on a complete tag; a resume falls back to the newest complete tag when
+`latest` is empty or names an interrupted one (rundir.resume_tag). DeepSpeed's `zero_to_fp32.py` is
+removed from the checkpoints: it cannot read these MoE checkpoints (the project's loading / `export` can).
+A full disk during a save ends the run with DiskFullError (exit code 4), the previous checkpoint intact.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import shutil
+import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
-from ds_moe_div import fileio, rundir
+from ds_moe_div import faults, fileio, rundir
+from ds_moe_div.agreement import any_rank
 from ds_moe_div.distributed import rng_state, set_rng_state
-from ds_moe_div.rundir import CheckpointError, checkpoint_root, latest_tag, resolve_checkpoint
+from ds_moe_div.rundir import CheckpointError, checkpoint_root, resolve_checkpoint
+
+# DeepSpeed copies these next to the tags; zero_to_fp32 fails on MoE checkpoints ("... is not a model state
+# checkpoint"), so neither is left there (the project's loading / `export` gives consolidated weights).
+RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
+DISK_FULL_EXIT_CODE = 4
+
+
+class DiskFullError(RuntimeError):
+    exit_code = DISK_FULL_EXIT_CODE
 
 # Model-config keys that decide parameter shapes; anything else (capacity, ep_size...) may change.
 ARCH_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "tie_embeddings", "moe.num_experts",
@@ -26,13 +47,15 @@ ARCH_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "tie_embedd
 
 def check_run_dir(run_dir, *, resume: bool) -> None:
     """Refuse to start a fresh run over existing checkpoints, or to resume from none."""
-    tag = latest_tag(checkpoint_root(run_dir))
-    if tag is not None and not resume:
-        raise CheckpointError(f"{run_dir} already holds checkpoints (latest: {tag}); pass --resume to continue it, "
-                              f"or choose another train.run_dir. Nothing was changed.")
-    if tag is None and resume:
-        raise CheckpointError(f"--resume was given but {checkpoint_root(run_dir)} holds no checkpoint ('latest' "
-                              f"file missing); drop --resume to start a new run")
+    root = checkpoint_root(run_dir)
+    tags = rundir.checkpoint_tags(root)
+    if tags and not resume:
+        raise CheckpointError(f"{run_dir} already holds checkpoints ({', '.join(tags)}); pass --resume to continue "
+                              f"it, or choose another train.run_dir. Nothing was changed.")
+    if resume and not rundir.complete_tags(root):
+        raise CheckpointError(f"--resume was given but {root} holds no checkpoint"
+                              f"{' that was written completely (incomplete: ' + ', '.join(tags) + ')' if tags else ''}"
+                              f"; drop --resume to start a new run")
 
 
 def architecture(model_cfg: dict, vocab_size: int, *, tokenizer: Path | None = None) -> dict:
@@ -71,32 +94,119 @@ def check_architecture(saved: dict, current: dict, where: Path) -> None:
 
 
 def save(engine, run_dir, *, step: int, client: dict, run_config: dict, arch: dict, rank: int,
-         tokenizer: Path | None = None) -> Path:
+         tokenizer: Path | None = None, shape: dict | None = None) -> Path:
+    """Write the tag of `step` completely, then move `latest` to it (module docstring). `shape`:
+    {"world_size", "ep_size"} the run trains with (checked on resume)."""
     root = checkpoint_root(run_dir)
     tag = f"global_step{step}"
-    engine.save_checkpoint(str(root), tag=tag, client_state={"ds_moe_div": client})
     tag_dir = root / tag
-    tag_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(rng_state(), rundir.rng_path(tag_dir, rank))
+    previous = rundir.resume_tag(run_dir)[0] if rundir.complete_tags(root) else None
+    error = None
+    if rank == 0:  # an older tag of this step (a resume from an earlier tag) is incomplete from now on
+        rundir.complete_marker(tag_dir).unlink(missing_ok=True)
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state={"ds_moe_div": client}, save_latest=False)
+        faults.inject("save", step=step, rank=rank)
+        _write_trainer_files(tag_dir, step=step, run_config=run_config, arch=arch, rank=rank, tokenizer=tokenizer,
+                             shape=shape)
+    except (OSError, RuntimeError) as e:
+        if not _is_disk_full(e, root):
+            raise
+        error = e
+    (failed,) = any_rank([error is not None])
+    if failed:
+        if rank == 0:
+            shutil.rmtree(tag_dir, ignore_errors=True)  # frees the space the partial tag took
+        raise DiskFullError(f"no space left on {root} while saving {tag}; the last complete checkpoint is "
+                            f"{previous or 'none'} (kept; the partial {tag} was removed). Free space and continue "
+                            f"with --resume") from error
+    if dist.is_initialized():
+        dist.barrier()  # every rank's files are in the tag
     if rank == 0:
-        if tokenizer is not None:
-            with fileio.atomic_path(rundir.tokenizer_path(tag_dir)) as tmp:
-                shutil.copyfile(tokenizer, tmp)
-        fileio.write_json(rundir.run_config_path(tag_dir), {"config": run_config, "architecture": arch, "step": step})
+        fileio.write_json(rundir.complete_marker(tag_dir), {"step": step, "written": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        fileio.write_text(rundir.latest_path(root), tag)
+    faults.inject("latest", step=step, rank=rank)
+    if dist.is_initialized():
+        dist.barrier()
     return tag_dir
 
 
-def load(engine, path, *, arch: dict, rank: int, module_only: bool) -> dict:
+def _write_trainer_files(tag_dir: Path, *, step: int, run_config: dict, arch: dict, rank: int,
+                         tokenizer: Path | None, shape: dict | None) -> None:
+    with fileio.atomic_path(rundir.rng_path(tag_dir, rank)) as tmp:
+        torch.save(rng_state(), tmp)
+    if rank != 0:
+        return
+    if tokenizer is not None:
+        with fileio.atomic_path(rundir.tokenizer_path(tag_dir)) as tmp:
+            shutil.copyfile(tokenizer, tmp)
+    for script in RECOVERY_SCRIPTS:
+        (tag_dir / script).unlink(missing_ok=True)
+        (tag_dir.parent / script).unlink(missing_ok=True)
+    fileio.write_json(rundir.run_config_path(tag_dir), {"config": run_config, "architecture": arch, "step": step,
+                                                        "shape": shape})
+
+
+DISK_FULL_TEXT = ("No space left", "iostream error", "basic_ios::clear", "PytorchStreamWriter failed",
+                  "unexpected pos", "file write failed")
+LOW_SPACE_BYTES = 256 * 2**20
+
+
+def _is_disk_full(error: BaseException, root: Path) -> bool:
+    """ENOSPC, or torch's serializer failing (its message never says why) while the disk is nearly full."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(error)
+    if not any(marker in text for marker in DISK_FULL_TEXT):
+        return False
+    if "No space left" in text:
+        return True
+    try:
+        return shutil.disk_usage(root).free < LOW_SPACE_BYTES
+    except OSError:
+        return False
+
+
+def saved_shape(tag_dir: Path) -> dict:
+    """{"world_size", "ep_size"} a tag was written with (older tags: counted from their RNG files)."""
+    saved = rundir.read_run_config(tag_dir)
+    shape = saved.get("shape") or {}
+    ep = shape.get("ep_size", saved.get("config", {}).get("model", {}).get("moe", {}).get("ep_size", 1))
+    world = shape.get("world_size") or len(list(Path(tag_dir).glob("rng_rank*.pt")))
+    return {"world_size": world, "ep_size": ep}
+
+
+def check_shape(tag_dir: Path, current: dict) -> None:
+    """Refuse, before DeepSpeed reads a byte, to resume on another world size or ep_size."""
+    saved = saved_shape(tag_dir)
+    if saved["world_size"] == current["world_size"] and saved["ep_size"] == current["ep_size"]:
+        return
+    raise CheckpointError(
+        f"checkpoint {tag_dir} was saved by {saved['world_size']} rank(s) with model.moe.ep_size={saved['ep_size']}, "
+        f"but this run has {current['world_size']} rank(s) with ep_size={current['ep_size']}: the optimizer and "
+        f"expert states cannot be resharded yet. Resume with {saved['world_size']} rank(s) and "
+        f"model.moe.ep_size={saved['ep_size']}, or start a new run from its weights only with "
+        f"train.init_from={rundir.run_dir_of(tag_dir)} (no --resume; optimizer state and data position restart)")
+
+
+def load(engine, path, *, arch: dict, rank: int, module_only: bool, tag: str | None = None,
+         shape: dict | None = None) -> dict:
     """Load a checkpoint into `engine`. `module_only`: weights only (a new run from these weights);
-    else the full state (resume), returning the client state and restoring this rank's RNG."""
-    root, tag = resolve_checkpoint(path)
+    else the full state (resume), returning the client state and restoring this rank's RNG. `tag`: this
+    tag of the run dir `path` (None: resolve_checkpoint); `shape`: this run's world size and ep_size,
+    which a resume must share with the checkpoint."""
+    from deepspeed.runtime.zero.utils import ZeRORuntimeException  # not a RuntimeError
+
+    root, tag = (checkpoint_root(path), tag) if tag is not None else resolve_checkpoint(path)
     tag_dir = root / tag
     check_architecture(rundir.read_run_config(tag_dir)["architecture"], arch, tag_dir)
+    if not module_only and shape is not None:
+        check_shape(tag_dir, shape)
     try:
         loaded, client = engine.load_checkpoint(str(root), tag=tag, load_module_only=module_only,
                                                 load_optimizer_states=not module_only,
                                                 load_lr_scheduler_states=not module_only)
-    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as e:
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError, ZeRORuntimeException) as e:
         raise CheckpointError(f"cannot load checkpoint {tag_dir}: {type(e).__name__}: {e}. The files may be "
                               f"truncated or from another model; use another tag (see {root})") from e
     if loaded is None:

@@ -6,12 +6,15 @@ section of `ObjectivesConfig` and under the same name (`balance`, `z_loss`, `div
 `orthogonality`, `variance`; TensorBoard tags `moe/<name>...`): the loss function, the inputs it reads,
 the batch its statistics cover. A coefficient of 0 skips its term's computation entirely; a nonzero
 coefficient whose inputs the batch lacks (domain ids) is an error. `auto` coefficients (Guo et al.'s
-released code) are calibrated once, on the first batch, to the power of ten that puts the scaled term
-near its target; the calibrated values are part of the composer's state (saved in checkpoints).
+released code) are calibrated once, on the first batch whose term is non-zero (over all ranks), to the
+power of ten that puts the scaled term near its target; until then (a term that is exactly 0, e.g.
+orthogonality with k = 1 or variance under uniform routing) the coefficient is the target itself, with a
+warning. The calibrated values are part of the composer's state (saved in checkpoints).
 """
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -89,8 +92,16 @@ def _z_loss(c, x: TermInputs):
 def _divergence(c, x: TermInputs):
     sums_LDE, counts_D = obj.domain_routing_sums(probs_LTE=x.stacked("probs_TE"), domain_ids_BS=x.domain_ids_BS,
                                                  num_domains=x.num_domains, average=c.average)
-    q_LDE, counts_D = obj.global_domain_means(sums_LDE=sums_LDE, counts_D=counts_D, group=x.divergence_group)
-    loss_L, _, present = obj.expert_divergence_loss(q_LDE=q_LDE, counts_D=counts_D, form=c.form, eps=c.eps)
+    weights_D = None
+    if c.form == "generalized" and c.average == "sequence" and c.domain_weights == "tokens":
+        tokens_D = obj.domain_token_counts(domain_ids_BS=x.domain_ids_BS, num_domains=x.num_domains,
+                                           dtype=counts_D.dtype)
+        q_LDE, counts_D, weights_D = obj.global_domain_means_and_weights(sums_LDE=sums_LDE, counts_D=counts_D,
+                                                                         weights_D=tokens_D, group=x.divergence_group)
+    else:
+        q_LDE, counts_D = obj.global_domain_means(sums_LDE=sums_LDE, counts_D=counts_D, group=x.divergence_group)
+    loss_L, _, present = obj.expert_divergence_loss(q_LDE=q_LDE, counts_D=counts_D, form=c.form, eps=c.eps,
+                                                    weights_D=weights_D)
     return loss_L, {"domains_present": present}
 
 
@@ -131,6 +142,7 @@ class ObjectiveComposer:
         self.divergence_group = divergence_group
         self.world_group = world_group
         self.calibrated: dict[str, float] = {}
+        self._warned: set[str] = set()
 
     def active(self) -> list[str]:
         """The terms whose coefficient is nonzero (their computation runs), in logging order."""
@@ -142,9 +154,13 @@ class ObjectiveComposer:
 
     def _base_coef(self, name: str) -> float:
         coef = getattr(self.cfg, name).coef
-        if coef == "auto":
-            return self.calibrated.get(name, math.nan)  # nan: not calibrated yet, but active
+        if coef == "auto":  # until a batch with a non-zero term calibrates it: the target itself
+            return self.calibrated.get(name, getattr(self.cfg, name).auto_target)
         return float(coef)
+
+    def _pending(self, name: str) -> bool:
+        """An `auto` coefficient that no batch has calibrated yet."""
+        return getattr(self.cfg, name).coef == "auto" and name not in self.calibrated
 
     def coefficient(self, name: str, step: int) -> float:
         """Coefficient at optimizer step `step` (0-based), with its linear warm-up."""
@@ -165,7 +181,7 @@ class ObjectiveComposer:
                                  f"loss needs a domain label per token (set data.domain_column) or set its coef to 0")
             per_layer, extras = spec.loss(getattr(self.cfg, name), inputs)
             value = per_layer.mean() if self.cfg.layer_reduction == "mean" else per_layer.sum()
-            if math.isnan(self._base_coef(name)):
+            if self._pending(name):
                 self._calibrate(name, value)
             coef = self.coefficient(name, step)
             result.per_layer[name] = per_layer
@@ -185,7 +201,13 @@ class ObjectiveComposer:
             magnitude /= dist.get_world_size(self.world_group)
         target = getattr(self.cfg, name).auto_target
         m = float(magnitude)
-        self.calibrated[name] = 0.0 if m == 0.0 else 10.0 ** round(math.log10(target / m))
+        if m > 0.0 and math.isfinite(m):
+            self.calibrated[name] = 10.0 ** round(math.log10(target / m))
+        elif name not in self._warned:
+            self._warned.add(name)
+            warnings.warn(f"objectives.{name}.coef=auto: the term is {m} on this batch, so it cannot be calibrated "
+                          f"yet; its coefficient is the target {target} until a batch with a non-zero term "
+                          f"calibrates it", stacklevel=3)
 
     def state_dict(self) -> dict:
         return {"calibrated": dict(self.calibrated)}

@@ -112,6 +112,9 @@ class DivergenceConfig:
     scope: Literal["global", "expert_parallel", "micro_batch"] = "global"
     eps: float = 1e-6
     warmup_steps: int = 0
+    # Domain weights w_d of the `generalized` form: token share (the spec's definition, the default) or,
+    # with average="sequence", the share of (sequence, domain) units. With average="token" both agree.
+    domain_weights: Literal["tokens", "sequences"] = "tokens"
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,10 @@ class TrainConfig:
     # micro-step (always so when the orthogonality loss is on). Off by default: it changes the combine path.
     expert_overlap: bool = False
     resume: bool = False  # continue from the latest checkpoint in run_dir
+    # Resume from this tag of run_dir's checkpoints (implies resume); None: the newest complete one.
+    resume_from: str | None = None
+    # Stop (non-zero exit) after this many consecutive optimizer steps with a non-finite loss.
+    max_nonfinite_steps: int = 5
     init_from: str | None = None  # start a new run from these checkpoint weights
     show_progress: bool = True
 
@@ -174,6 +181,14 @@ class TrainConfig:
             _require(getattr(self, name) >= 1, f"train.{name} must be >= 1")
         _require(not (self.resume and self.init_from), "train.resume and train.init_from exclude each other: resume "
                  "continues this run, init_from starts a new one from another run's weights")
+        _require(not (self.resume_from and self.init_from), "train.resume_from and train.init_from exclude each "
+                 "other: resume_from continues this run from one of its tags, init_from starts a new run")
+        _require(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps must be >= 1")
+
+    @property
+    def resuming(self) -> bool:
+        """This run continues run_dir's checkpoints (`resume` or `resume_from`)."""
+        return self.resume or self.resume_from is not None
 
 
 @dataclass(frozen=True)

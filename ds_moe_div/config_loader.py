@@ -20,6 +20,10 @@ Example::
   dataclass (`"_comment": "why lr is low"`); any other key, a bare "comment" included, must
   be a field. Fields named "_..." or with init=False are neither loaded nor dumped.
 * ValueError/TypeError from `__post_init__` becomes a ConfigError prefixed with the dotted path.
+* Numbers: every float must be finite (JSON's NaN / Infinity and `--override x=NaN` are refused), and
+  numeric fields are range-checked by their name, for every dataclass (fields added later included):
+  see `NUMERIC_RULES` (e.g. `coef` >= 0, `*eps` > 0, `*_steps` >= 0, `*_target` > 0, `lr` > 0).
+  A dataclass checks anything more specific in `__post_init__`.
 * Schema dataclasses must be frozen and defined at module level (`typing.get_type_hints`
   resolves postponed annotations there). Tests: tests/test_config_loader.py.
 """
@@ -29,6 +33,7 @@ import copy
 import dataclasses
 import difflib
 import json
+import math
 import os
 import re
 import types
@@ -92,6 +97,32 @@ def _check_key(cls: type, key: Any, path: str, loadable: Mapping[str, Any]) -> N
     raise ConfigError(f"unknown key '{dotted}'; valid keys in {_where(path)}: {valid}")
 
 
+# (name pattern, test, what it must be): a numeric field whose name matches must pass the test. Applied by
+# `from_dict` to every dataclass, so a knob added later with a conventional name is covered too.
+NUMERIC_RULES: tuple[tuple[str, Any, str], ...] = (
+    (r"(.*_)?coef", lambda v: v >= 0, ">= 0 (a negative weight would reward what the term penalises; 0 turns it off)"),
+    (r"(.*_)?eps", lambda v: v > 0, "> 0"),
+    (r".*_target", lambda v: v > 0, "> 0"),
+    (r".*_factor", lambda v: v > 0, "> 0"),
+    (r"(.*_)?lr", lambda v: v > 0, "> 0"),
+    (r".*_fraction", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    (r".*_steps", lambda v: v >= 0, ">= 0"),
+    (r".*_size", lambda v: v >= 1, ">= 1"),
+)
+
+
+def check_number(name: str, value: Any, path: str) -> None:
+    """Refuse a non-finite float anywhere, and a number outside the range `NUMERIC_RULES` gives `name`."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"'{path}' is {value}: numbers in the config must be finite (NaN and Infinity are "
+                          f"refused); set a finite value")
+    for pattern, ok, requirement in NUMERIC_RULES:
+        if re.fullmatch(pattern, name) and not ok(value):
+            raise ConfigError(f"'{path}' = {value!r} is out of range: it must be {requirement}")
+
+
 def from_dict(cls: type[T], data: Mapping[str, Any], *, path: str = "") -> T:
     """Build the frozen dataclass `cls` from `data`, checking keys and types recursively."""
     if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
@@ -111,16 +142,21 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, path: str = "") -> T:
                               f"add it to the config or pass --override {dotted}=<value>")
     kwargs = {n: _convert(hints[n], data[n], _join(path, n)) for n in loadable if n in data}
     try:
-        return cls(**kwargs)
+        obj = cls(**kwargs)
     except ConfigError:
         raise
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{path or cls.__name__}: {exc}") from exc
+    for name, value in kwargs.items():  # after __post_init__, whose messages are more specific
+        check_number(name, value, _join(path, name))
+    return obj
 
 
 def _convert(tp: Any, value: Any, path: str) -> Any:
     """Check `value` against the annotation `tp`; return it in its Python form."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if isinstance(value, float) and not math.isfinite(value):  # before any union tries its members
+        check_number("", value, path)
     if tp is Any:
         return value
     if dataclasses.is_dataclass(tp):

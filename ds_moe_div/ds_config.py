@@ -10,6 +10,7 @@ would train 4,700 steps at the floor learning rate without a word).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from ds_moe_div.config import ExperimentConfig
@@ -43,6 +44,7 @@ def load_ds_config(path) -> dict:
 
 def check_ds_config(ds: dict, cfg: ExperimentConfig, *, world_size: int, on_cpu: bool) -> tuple[int, int]:
     """Validate `ds` against `cfg`; return (micro_batch_size, gradient_accumulation_steps)."""
+    check_numbers(ds)
     _check_zero(ds.get("zero_optimization", {}))
     ep = cfg.model.moe.ep_size
     if world_size % ep:
@@ -55,6 +57,42 @@ def check_ds_config(ds: dict, cfg: ExperimentConfig, *, world_size: int, on_cpu:
         raise DeepSpeedConfigError("fp16.enabled is true but this run is on CPU: use fp32 (or bf16 on GPU)")
     _check_schedule(ds, cfg.train.steps)
     return resolve_batch(ds, cfg, world_size=world_size)
+
+
+# Dotted keys of the DeepSpeed JSON (optimizer and scheduler params, whatever their type) -> (test, range).
+NUMBER_RANGES = {
+    "optimizer.params.lr": (lambda v: v > 0, "> 0"),
+    "optimizer.params.eps": (lambda v: v > 0, "> 0"),
+    "optimizer.params.weight_decay": (lambda v: v >= 0, ">= 0"),
+    "optimizer.params.betas": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "gradient_clipping": (lambda v: v >= 0, ">= 0 (0 turns clipping off)"),
+    "scheduler.params.warmup_min_lr": (lambda v: v >= 0, ">= 0"),
+    "scheduler.params.warmup_max_lr": (lambda v: v > 0, "> 0"),
+    "scheduler.params.warmup_num_steps": (lambda v: v >= 0, ">= 0"),
+    "scheduler.params.warmup_min_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "scheduler.params.cos_min_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "scheduler.params.total_num_steps": (lambda v: v >= 1, ">= 1"),
+}
+
+
+def check_numbers(ds: dict, path: str = "") -> None:
+    """Every number of the DeepSpeed JSON is finite (Python's json reads NaN and Infinity), and the
+    optimizer's and scheduler's numbers are in range (NUMBER_RANGES): an infinite learning rate would
+    otherwise train to NaN without a word."""
+    items = ds.items() if isinstance(ds, dict) else enumerate(ds) if isinstance(ds, list) else ()
+    for key, value in items:
+        dotted = f"{path}.{key}" if path and isinstance(key, str) else (f"{path}[{key}]" if path else str(key))
+        if isinstance(value, (dict, list)):
+            check_numbers(value, dotted)
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        if not math.isfinite(value):
+            raise DeepSpeedConfigError(f"{dotted} is {value} in the DeepSpeed config: every number must be finite")
+        rule = NUMBER_RANGES.get(dotted.split("[")[0])
+        if rule is not None and not rule[0](value):
+            raise DeepSpeedConfigError(f"{dotted}={value!r} in the DeepSpeed config is out of range: it must be "
+                                       f"{rule[1]}")
 
 
 def _check_zero(zero: dict) -> None:

@@ -60,14 +60,16 @@ def run_hparams(config: Mapping) -> dict:
 
 
 class Monitor:
-    def __init__(self, log_dir: Path, *, enabled: bool, ds_monitor=None) -> None:
-        """`ds_monitor`: DeepSpeed's MonitorMaster (`engine.monitor`); its enabled sinks get the scalars."""
+    def __init__(self, log_dir: Path, *, enabled: bool, ds_monitor=None, purge_step: int | None = None) -> None:
+        """`ds_monitor`: DeepSpeed's MonitorMaster (`engine.monitor`); its enabled sinks get the scalars.
+        `purge_step`: TensorBoard hides this folder's earlier events at steps >= it (a resumed run
+        passes checkpoint step + 1, so the steps a killed run logged past its checkpoint show once)."""
         self.log_dir = Path(log_dir)
         self._writer = None
         self._ds = ds_monitor if ds_monitor is not None and getattr(ds_monitor, "enabled", False) else None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
-            self._writer = SummaryWriter(log_dir=str(self.log_dir))
+            self._writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=purge_step)
 
     @property
     def enabled(self) -> bool:

@@ -5,9 +5,11 @@ these names and functions; no other module spells a file or folder name of the l
         config.json                      the resolved experiment config (config.resumed_step<N>.json on resume)
         ds_config.json                   the DeepSpeed config the engine ran with
         tensorboard/                     training scalars, images, histograms
-        checkpoints/latest               the newest tag's name (DeepSpeed writes it)
-        checkpoints/<tag>/               DeepSpeed's files, run_config.json ({config, architecture, step}),
-                                         tokenizer.json, rng_rank<r>.pt
+        run.lock                         held (flock) by rank 0 for the whole run: holder pid, host, start
+        checkpoints/latest               the newest complete tag's name, moved last and atomically
+        checkpoints/<tag>/               DeepSpeed's files, run_config.json ({config, architecture, step,
+                                         shape}), tokenizer.json, rng_rank<r>.pt, and `complete`, written
+                                         after everything else (a tag without it is ignored)
         eval/<tag>[-<split>][-by-<column>][-as-trained]/
                                          report.json, report.md, figures/*.png, tensorboard/
         train.log, sweep_ds_config.json  written by `sweep`
@@ -23,6 +25,8 @@ DS_CONFIG = "ds_config.json"
 TENSORBOARD = "tensorboard"
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
+COMPLETE = "complete"
+LOCK = "run.lock"
 RUN_CONFIG = "run_config.json"
 TOKENIZER = "tokenizer.json"
 EVAL = "eval"
@@ -54,6 +58,10 @@ def tensorboard_dir(run_dir) -> Path:
     return Path(run_dir) / TENSORBOARD
 
 
+def lock_path(run_dir) -> Path:
+    return Path(run_dir) / LOCK
+
+
 def train_log(run_dir) -> Path:
     return Path(run_dir) / TRAIN_LOG
 
@@ -69,10 +77,76 @@ def checkpoint_root(run_dir) -> Path:
     return Path(run_dir) / CHECKPOINTS
 
 
+def latest_path(root) -> Path:
+    return Path(root) / LATEST
+
+
 def latest_tag(root) -> str | None:
-    """The tag named by <root>/latest (root: a checkpoints/ dir), or None."""
-    latest = Path(root) / LATEST
-    return latest.read_text().strip() if latest.is_file() else None
+    """The tag named by <root>/latest (root: a checkpoints/ dir), or None when the file is missing, empty,
+    unreadable or names no directory of `root` (a kill during its write)."""
+    try:
+        tag = latest_path(root).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not tag or "/" in tag or tag.startswith(".") or not (Path(root) / tag).is_dir():
+        return None
+    return tag
+
+
+def complete_marker(tag_dir) -> Path:
+    return Path(tag_dir) / COMPLETE
+
+
+def tag_step(tag: str) -> int | None:
+    match = re.fullmatch(r"global_step(\d+)", tag)
+    return int(match.group(1)) if match else None
+
+
+def checkpoint_tags(root) -> list[str]:
+    """Every tag directory under `root`, complete or not, oldest step first."""
+    root = Path(root)
+    tags = [p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")] if root.is_dir() else []
+    return sorted(tags, key=lambda t: (tag_step(t) is None, tag_step(t) or 0, t))
+
+
+def is_complete(root, tag: str) -> bool:
+    """A tag whose writer finished: it holds the `complete` marker. In a run written before markers existed
+    (no tag has one), the tag `latest` names counts when its run_config.json is there."""
+    tag_dir = Path(root) / tag
+    if complete_marker(tag_dir).is_file():
+        return True
+    legacy = not any(complete_marker(Path(root) / t).is_file() for t in checkpoint_tags(root))
+    return legacy and latest_tag(root) == tag and run_config_path(tag_dir).is_file()
+
+
+def complete_tags(root) -> list[str]:
+    """The complete tags under `root`, oldest step first."""
+    return [t for t in checkpoint_tags(root) if is_complete(root, t)]
+
+
+def resume_tag(run_dir, requested: str | None = None) -> tuple[str, str | None]:
+    """The tag a resume loads, and a note when it is not the one `latest` names (None otherwise).
+    `requested`: that tag, which must be complete; else `latest` when complete, else the newest complete
+    tag. CheckpointError when there is none."""
+    root = checkpoint_root(run_dir)
+    complete = complete_tags(root)
+    if requested is not None:
+        if requested not in complete:
+            state = "is incomplete (its writer was interrupted)" if (root / requested).is_dir() else "does not exist"
+            raise CheckpointError(f"checkpoint tag {requested!r} {state} in {root}; complete tags: "
+                                  f"{', '.join(complete) or 'none'}")
+        return requested, None
+    latest = latest_tag(root)
+    if latest is not None and latest in complete:
+        return latest, None
+    if not complete:
+        raise CheckpointError(f"--resume was given but {root} holds no complete checkpoint"
+                              f"{' (tags found: ' + ', '.join(checkpoint_tags(root)) + ')' if checkpoint_tags(root) else ''}"
+                              f"; drop --resume to start a new run")
+    raw = latest_path(root).read_text(errors="replace").strip() if latest_path(root).is_file() else None
+    why = ("is missing" if raw is None else "is empty" if not raw else
+           f"names {raw!r}, which is incomplete" if (root / raw).is_dir() else f"names {raw!r}, which does not exist")
+    return complete[-1], f"{latest_path(root)} {why}; resuming from {complete[-1]}, the newest complete checkpoint"
 
 
 def latest_tag_dir(run_dir) -> Path | None:
@@ -107,8 +181,11 @@ def resolve_checkpoint(path) -> tuple[Path, str]:
     p = Path(path)
     for root in (checkpoint_root(p), p):
         tag = latest_tag(root)
-        if tag is not None:
+        if tag is not None and is_complete(root, tag):
             return root, tag
+        complete = complete_tags(root)
+        if complete:  # `latest` empty or naming an interrupted tag: the newest complete one
+            return root, complete[-1]
     if run_config_path(p).is_file():
         return p.parent, p.name
     raise CheckpointError(f"no checkpoint at {p}: expected a run dir, its {CHECKPOINTS}/ dir (with a '{LATEST}' "

@@ -29,11 +29,13 @@ from ds_moe_div.distributed import (
 )
 from ds_moe_div.ds_config import check_ds_config, engine_config
 from ds_moe_div.evaluation.heldout import heldout_sums, summarize
+from ds_moe_div.guard import RunGuard
 from ds_moe_div.log_window import LogWindow
 from ds_moe_div.loss_free import LossFreeBalancer
 from ds_moe_div.metrics.accumulator import RoutingAccumulator
 from ds_moe_div.model import MoELanguageModel
 from ds_moe_div.monitor import HPARAM_METRICS, Monitor, check_ds_monitor, run_hparams
+from ds_moe_div.runlock import RunLock, lock_run_dir
 from ds_moe_div.selection_bias import enable_selection_bias, selection_biases
 
 
@@ -51,6 +53,8 @@ class TrainState:
     step: int = 0
     window: LogWindow = field(default_factory=LogWindow)
     balancer: LossFreeBalancer | None = None  # objectives.balance.method = loss_free
+    guard: RunGuard | None = None  # non-finite losses and stop signals (None: unchecked)
+    lock: RunLock | None = None  # the run dir's lock (rank 0)
 
     def __post_init__(self):
         self.train_iter = iter(self.loader)
@@ -70,11 +74,31 @@ class TrainState:
                 result[f"eval/{split}_lm_loss/{name}"] = domain.lm_loss
         return result
 
-    def save(self) -> None:
+    def save(self) -> Path | None:
+        """Checkpoint this step; skipped (None, with a warning) when its loss or weights are non-finite."""
+        if self.guard is not None and not self.guard.may_save(self.engine.module):
+            if self.info.is_main:
+                print(f"ds_moe_div: warning: step {self.step} is not saved: its loss or weights are non-finite; "
+                      f"the last complete checkpoint stays {self.guard.last_saved or 'none'}", flush=True)
+            return None
         client = {"step": self.step, "loader": self.loader_state(), "composer": self.composer.state_dict()}
-        checkpoint.save(self.engine, self.cfg.train.run_dir, step=self.step, client=client,
-                        run_config=to_dict(self.cfg), arch=self.arch, rank=self.info.rank,
-                        tokenizer=self.data.tokenizer_path)
+        tag_dir = checkpoint.save(self.engine, self.cfg.train.run_dir, step=self.step, client=client,
+                                  run_config=to_dict(self.cfg), arch=self.arch, rank=self.info.rank,
+                                  tokenizer=self.data.tokenizer_path, shape=self.shape)
+        if self.guard is not None:
+            self.guard.last_saved = tag_dir.name
+        return tag_dir
+
+    @property
+    def shape(self) -> dict:
+        """What a resume must share with the checkpoint (it cannot be resharded yet)."""
+        return {"world_size": self.info.world_size, "ep_size": self.cfg.model.moe.ep_size}
+
+    def close(self) -> None:
+        """End of the run, however it ends: flush TensorBoard, release the run dir."""
+        self.monitor.close()
+        if self.lock is not None:
+            self.lock.release()
 
     def loader_state(self) -> dict:
         return self.loader.state_dict()
@@ -88,7 +112,17 @@ def build(cfg: ExperimentConfig, ds: dict) -> TrainState:
     micro, gas = check_ds_config(ds, cfg, world_size=info.world_size,
                                  on_cpu=get_accelerator().device_name() == "cpu")
     check_ds_monitor(ds, tensorboard_dir=rundir.tensorboard_dir(cfg.train.run_dir))
-    checkpoint.check_run_dir(cfg.train.run_dir, resume=cfg.train.resume)
+    lock = lock_run_dir(cfg.train.run_dir, is_main=info.is_main)  # before any look at (or write to) the run dir
+    try:
+        return _build(cfg, ds, info, micro, gas, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _build(cfg: ExperimentConfig, ds: dict, info: RankInfo, micro: int, gas: int, lock) -> TrainState:
+    checkpoint.check_run_dir(cfg.train.run_dir, resume=cfg.train.resuming)
     with main_rank_first(info):
         data = prepare_data(cfg.data, show_progress=info.is_main and cfg.train.show_progress)
     check_enough(data.splits["train"], micro * info.world_size)
@@ -112,11 +146,15 @@ def build(cfg: ExperimentConfig, ds: dict) -> TrainState:
     run_dir = Path(cfg.train.run_dir)
     state = TrainState(cfg=cfg, info=info, engine=engine, composer=composer, data=data, loader=loader,
                        monitor=Monitor(rundir.tensorboard_dir(run_dir), enabled=False), micro_batch_size=micro,
-                       arch=arch, window=_log_window(cfg, model, data),
-                       balancer=_balancer(cfg, model) if loss_free else None)
+                       arch=arch, window=_log_window(cfg, model, data), lock=lock,
+                       balancer=_balancer(cfg, model) if loss_free else None,
+                       guard=RunGuard(max_nonfinite_steps=cfg.train.max_nonfinite_steps))
     _restore(state)
-    # Only now, with every check and the checkpoint load behind us, does the run write anything.
-    state.monitor = Monitor(rundir.tensorboard_dir(run_dir), enabled=info.is_main, ds_monitor=engine.monitor)
+    state.guard.last_saved = f"global_step{state.step}" if cfg.train.resuming else None
+    # Only now, with every check and the checkpoint load behind us, does the run write anything. After a
+    # resume, TensorBoard drops the events a killed run wrote past the checkpoint: one curve.
+    state.monitor = Monitor(rundir.tensorboard_dir(run_dir), enabled=info.is_main, ds_monitor=engine.monitor,
+                            purge_step=state.step + 1 if cfg.train.resuming else None)
     if info.is_main:
         _write_run_files(state, ds)
     return state
@@ -164,8 +202,12 @@ def _initialize(model, ds_dict: dict, info: RankInfo, cfg: ExperimentConfig):
 
 def _restore(state: TrainState) -> None:
     train = state.cfg.train
-    if train.resume:
-        client = checkpoint.load(state.engine, train.run_dir, arch=state.arch, rank=state.info.rank, module_only=False)
+    if train.resuming:
+        tag, note = rundir.resume_tag(train.run_dir, train.resume_from)
+        if state.info.is_main:
+            print(f"ds_moe_div: resuming from {tag}" + (f" ({note})" if note else ""), flush=True)
+        client = checkpoint.load(state.engine, train.run_dir, arch=state.arch, rank=state.info.rank, module_only=False,
+                                 tag=tag, shape=state.shape)
         state.step = client["step"]
         state.loader.load_state_dict(client["loader"])
         state.composer.load_state_dict(client["composer"])

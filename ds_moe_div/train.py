@@ -8,22 +8,26 @@ The loop reads on one screen: `train_step`, `maybe_log`, `maybe_eval`, `maybe_sa
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
-from ds_moe_div import checkpoint, progress
+from ds_moe_div import checkpoint, faults, progress
 from ds_moe_div.cli import prog
 from ds_moe_div.composer import ObjectiveComposer
 from ds_moe_div.config import ExperimentConfig, load_experiment
 from ds_moe_div.config_loader import ConfigError
 from ds_moe_div.ds_config import DeepSpeedConfigError, load_ds_config
+from ds_moe_div.interrupt import Interrupted
 from ds_moe_div.log_window import LogWindow
 from ds_moe_div.metrics.tensorboard import log_routing_pictures
+from ds_moe_div.nonfinite import NonFiniteLossError
 from ds_moe_div.session import TrainState, build
 
 
@@ -36,22 +40,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. objectives.divergence.coef=0.01 (repeatable)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.run_dir")
+    parser.add_argument("--resume-from", metavar="TAG", help="continue from this checkpoint tag of train.run_dir "
+                        "(e.g. global_step300); sets train.resume_from")
     parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     return deepspeed.add_config_arguments(parser).parse_args(argv)
 
 
 def load_configs(args) -> tuple[ExperimentConfig, dict]:
     overrides = list(args.override) + (["train.resume=true"] if args.resume else [])
+    if getattr(args, "resume_from", None):
+        overrides.append(f"train.resume_from={json.dumps(args.resume_from)}")
     return load_experiment(args.config, overrides), load_ds_config(args.deepspeed_config)
 
 
 def train_step(engine, batches: Iterator[dict], composer: ObjectiveComposer, window: LogWindow, *, step: int,
-               balancer=None) -> None:
+               balancer=None) -> torch.Tensor:
     """Optimizer step `step` (0-based): `gradient_accumulation_steps` micro-batches from `batches`, one
     engine.backward each; the losses and routing records go to `window`. `balancer` (Loss-Free
     Balancing, `loss_free.LossFreeBalancer`) counts every micro-batch and updates its biases once, after
-    the optimizer step."""
+    the optimizer step. Returns the sum of the micro-batches' total losses (detached, on the device:
+    non-finite if any of them was)."""
     collect = composer.needs_expert_outputs or window.needs_expert_outputs
+    step_loss = None
     for _ in range(engine.gradient_accumulation_steps()):
         batch = {k: v.to(engine.device, non_blocking=True) for k, v in next(batches).items()}
         out = engine(batch["input_ids"], labels_BS=batch["labels"], collect_expert_outputs=collect)
@@ -61,10 +71,11 @@ def train_step(engine, batches: Iterator[dict], composer: ObjectiveComposer, win
         window.add(losses, out, batch)
         if balancer is not None:
             balancer.add(out.routing, batch["domain_ids"].reshape(-1) >= 0)
+        step_loss = losses.total.detach() if step_loss is None else step_loss + losses.total.detach()
     window.end_step()
     if balancer is not None:
         balancer.step()
-
+    return step_loss
 
 
 def maybe_log(state: TrainState, bar) -> dict:
@@ -90,27 +101,34 @@ def maybe_eval(state: TrainState) -> dict:
     return result
 
 
-def maybe_save(state: TrainState) -> None:
-    if state.step % state.cfg.train.save_interval and state.step != state.cfg.train.steps:
-        return
-    state.save()
+def maybe_save(state: TrainState, *, stop: bool = False) -> Path | None:
+    """Checkpoint at save intervals, the last step, and a step a stop signal ended (`stop`)."""
+    if state.step % state.cfg.train.save_interval and state.step != state.cfg.train.steps and not stop:
+        return None
+    return state.save()
 
 
 def run(state: TrainState) -> dict[str, float]:
-    """Train to train.steps; returns the last logged scalars (train and held-out losses among them)."""
-    train, last = state.cfg.train, {}
+    """Train to train.steps; returns the last logged scalars (train and held-out losses among them).
+    Raises Interrupted (SIGINT/SIGTERM: after saving this step), NonFiniteLossError or
+    checkpoint.DiskFullError. See guard.py for the per-step checks."""
+    train, guard, last = state.cfg.train, state.guard, {}
     # A tqdm bar on a terminal; one log line every log_interval steps elsewhere (see progress.py).
     with progress.bar(total=train.steps, initial=state.step, desc="train", unit="step",
-                      enabled=state.info.is_main and train.show_progress, log_every=train.log_interval) as bar:
+                      enabled=state.info.is_main and train.show_progress, log_every=train.log_interval) as bar, \
+            guard.signals:
         while state.step < train.steps:
-            train_step(state.engine, state.train_iter, state.composer, state.window, step=state.step,
-                       balancer=state.balancer)
+            loss = train_step(state.engine, state.train_iter, state.composer, state.window, step=state.step,
+                              balancer=state.balancer)
             state.step += 1
+            faults.inject("step", step=state.step, rank=state.info.rank)
+            stop = guard.after_step(loss, step=state.step, applied=state.engine.was_step_applied())
             last.update(maybe_log(state, bar))
             last.update(maybe_eval(state))
-            maybe_save(state)
+            saved = maybe_save(state, stop=stop)
             bar.update(1)
-    state.monitor.close()
+            if stop:
+                raise Interrupted(guard.stop_signal, state.step, saved.name if saved else None)
     return last
 
 
@@ -126,7 +144,13 @@ def main(argv=None) -> int:
         print(f"ds_moe_div: error: {e}", file=sys.stderr)
         return 2
     started = time.time()
-    last = run(state)
+    try:
+        last = run(state)
+    except (Interrupted, NonFiniteLossError, checkpoint.DiskFullError) as e:
+        print(f"ds_moe_div: {'error: ' if not isinstance(e, Interrupted) else ''}{e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    finally:
+        state.close()
     if state.info.is_main:
         print("\n" + progress.training_summary(cfg.train.run_dir, steps=state.step, seconds=time.time() - started,
                                                 last=last))

@@ -50,6 +50,20 @@ def _loss_and_grad(x_BSM, ids_BS, weight_LME, *, average, form, group):
     return {"loss": loss.detach(), "jsd": jsd_L.detach(), "present": int(present), "grad": grad}
 
 
+def _token_weighted_loss_and_grad(x_BSM, ids_BS, weight_LME, *, group):
+    """Generalized divergence over sequence means with token-share domain weights (the default)."""
+    weight = weight_LME.clone().requires_grad_(True)
+    probs_LTE = torch.einsum("tm,lme->lte", x_BSM.reshape(-1, MODEL_DIM), weight).softmax(-1)
+    sums_LDE, counts_D = obj.domain_routing_sums(probs_LTE=probs_LTE, domain_ids_BS=ids_BS,
+                                                 num_domains=NUM_DOMAINS, average="sequence")
+    tokens_D = obj.domain_token_counts(domain_ids_BS=ids_BS, num_domains=NUM_DOMAINS, dtype=DT)
+    q_LDE, counts_D, tokens_D = obj.global_domain_means_and_weights(sums_LDE=sums_LDE, counts_D=counts_D,
+                                                                    weights_D=tokens_D, group=group)
+    loss_L, _, _ = obj.expert_divergence_loss(q_LDE=q_LDE, counts_D=counts_D, form="generalized", weights_D=tokens_D)
+    (grad,) = torch.autograd.grad(loss_L.mean(), weight)
+    return {"loss": loss_L.detach(), "grad": grad}
+
+
 def _balance_loss_and_grad(x_BSM, ids_BS, weight_LME, *, group, k=2):
     weight = weight_LME.clone().requires_grad_(True)
     probs_LTE = torch.einsum("tm,lme->lte", x_BSM.reshape(-1, MODEL_DIM), weight).softmax(-1)
@@ -71,6 +85,7 @@ def _rank_main(rank, world_size, weight, batches):
             results[name, average, form, "size1"] = _loss_and_grad(x, ids, weight, group=own_groups[rank], **kw)
             results[name, average, form, "local"] = _loss_and_grad(x, ids, weight, group=None, **kw)
         results[name, "balance"] = _balance_loss_and_grad(x, ids, weight, group=dist.group.WORLD)
+        results[name, "token_weights"] = _token_weighted_loss_and_grad(x, ids, weight, group=dist.group.WORLD)
     return results
 
 
@@ -137,3 +152,16 @@ def test_global_batch_load_balance_on_two_ranks_matches_concatenated_batch(spawn
     local = _balance_loss_and_grad(*batches[case][0], weight, group=None)
     if all(bool((ids >= 0).any()) for _, ids in batches[case]):  # else the global batch is rank 0's
         assert not torch.allclose(local["loss"], single["loss"])  # the micro-batch value is another number
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_token_share_weights_on_two_ranks_match_concatenated_batch(spawned, case):
+    """divergence.domain_weights=tokens with average=sequence: the token counts ride in the same all-reduce."""
+    weight, batches, results = spawned
+    x, ids = _concatenate(batches[case])
+    single = _token_weighted_loss_and_grad(x, ids, weight, group=None)
+    per_rank = [r[case, "token_weights"] for r in results]
+    for got in per_rank:
+        torch.testing.assert_close(got["loss"], single["loss"], rtol=1e-10, atol=1e-13)
+    mean_grad = torch.stack([got["grad"] for got in per_rank]).mean(0)
+    torch.testing.assert_close(mean_grad, single["grad"], rtol=1e-10, atol=1e-13)

@@ -52,11 +52,8 @@ def pictures(log_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("smoke")
-    result = launch(tmp, "train.run_dir=run", "train.log_interval=1", "train.show_progress=true")
-    assert result.returncode == 0, result.stdout[-6000:]
-    return tmp / "run", result.stdout
+def smoke_run(smoke_reference):
+    return smoke_reference  # tests/conftest.py: one launcher run for this module and tests/test_faults.py
 
 
 def test_launcher_run_leaves_no_shared_memory_buffers(tmp_path):

@@ -28,7 +28,8 @@ from ds_moe_div.evaluation.report import (
     table,
 )
 
-IGNORED_CONFIG_KEYS = ("train.run_dir", "train.show_progress", "train.resume", "train.init_from")
+IGNORED_CONFIG_KEYS = ("train.run_dir", "train.show_progress", "train.resume", "train.init_from",
+                       "train.resume_from")
 SETTINGS = ("split", "domain_column", "tokens")
 
 

@@ -20,8 +20,10 @@ from ds_moe_div.objectives.balance import global_load_balance_loss
 from ds_moe_div.objectives.balancing import loss_free_bias_update, sequence_balance_loss
 from ds_moe_div.objectives.divergence import (
     domain_routing_sums,
+    domain_token_counts,
     expert_divergence_loss,
     global_domain_means,
+    global_domain_means_and_weights,
     jensen_shannon,
 )
 from ds_moe_div.objectives.orthogonality import orthogonality_loss
@@ -30,8 +32,10 @@ from ds_moe_div.objectives.zloss import router_z_loss
 
 __all__ = [
     "domain_routing_sums",
+    "domain_token_counts",
     "expert_divergence_loss",
     "global_domain_means",
+    "global_domain_means_and_weights",
     "global_load_balance_loss",
     "jensen_shannon",
     "loss_free_bias_update",

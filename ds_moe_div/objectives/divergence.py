@@ -50,6 +50,22 @@ def domain_routing_sums(*, probs_LTE: Tensor, domain_ids_BS: Tensor, num_domains
     return sums_LDE, counts_D
 
 
+def domain_token_counts(*, domain_ids_BS: Tensor, num_domains: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """tokens[d] = number of tokens labelled d in the micro-batch (-1 ignored): the token-share weights of
+    the `generalized` form when the means are taken over sequences. Additive over ranks."""
+    valid_T = domain_ids_BS.reshape(-1) >= 0
+    index_T = domain_ids_BS.reshape(-1).clamp(min=0)
+    return torch.zeros(num_domains, dtype=dtype, device=domain_ids_BS.device).index_add(0, index_T, valid_T.to(dtype))
+
+
+def global_domain_means_and_weights(*, sums_LDE: Tensor, counts_D: Tensor, weights_D: Tensor,
+                                    group: dist.ProcessGroup | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """`global_domain_means`, with per-domain weights (e.g. `domain_token_counts`) summed over `group` in
+    the same all-reduce: returns (q_LDE, global counts_D, global weights_D)."""
+    (sums_LDE,), (counts_D, weights_D) = straight_through_sums([sums_LDE], [counts_D, weights_D], group)
+    return sums_LDE / nonzero_or_one(counts_D)[None, :, None].to(sums_LDE.dtype), counts_D, weights_D
+
+
 def global_domain_means(*, sums_LDE: Tensor, counts_D: Tensor,
                         group: dist.ProcessGroup | None = None) -> tuple[Tensor, Tensor]:
     """Domain routing means of the global batch:  q[l, d] = sum_r sums_r[l, d] / sum_r counts_r[d].
@@ -94,9 +110,9 @@ def _pairwise_neglog_L(q_LDE: Tensor, present_D: Tensor, eps: float) -> tuple[Te
     return neglog_L, torch.where(valid_P, jsd_LP, zero).sum(-1) / num_pairs
 
 
-def _generalized_jsd_L(q_LDE: Tensor, counts_D: Tensor, present_D: Tensor) -> Tensor:
+def _generalized_jsd_L(q_LDE: Tensor, weights_D: Tensor, present_D: Tensor) -> Tensor:
     """sum_d w_d KL(q_d || M) with M = sum_d w_d q_d; equals H(M) - sum_d w_d H(q_d)."""
-    w_D = torch.where(present_D, counts_D, torch.zeros_like(counts_D)).to(q_LDE.dtype)
+    w_D = torch.where(present_D, weights_D, torch.zeros_like(weights_D)).to(q_LDE.dtype)
     w_D = w_D / nonzero_or_one(w_D.sum())
     mixture_LE = (w_D[None, :, None] * q_LDE).sum(1)
     return (w_D * kl(q_LDE, mixture_LE[:, None, :])).sum(-1)
@@ -104,15 +120,17 @@ def _generalized_jsd_L(q_LDE: Tensor, counts_D: Tensor, present_D: Tensor) -> Te
 
 def expert_divergence_loss(*, q_LDE: Tensor, counts_D: Tensor,
                            form: Literal["pairwise_neglog", "generalized"] = "pairwise_neglog",
-                           eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
+                           eps: float = 1e-6, weights_D: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Expert-divergence loss L_ED per layer, from the global-batch domain means q (spec section 5).
 
     Present domains: counts_D > 0 (global counts from `global_domain_means`).
       pairwise_neglog: loss_l = mean over unordered present pairs (a, b) of -log(JSD(q_a || q_b) + eps);
                        jsd_l  = mean pairwise JSD.
       generalized:     loss_l = -jsd_l,  jsd_l = H(sum_d w_d q_d) - sum_d w_d H(q_d),
-                       w_d = counts_d / sum of present counts (the token share for average="token",
-                       the (sequence, domain)-unit share for average="sequence").
+                       w_d = weights_d / sum of present weights; weights_D defaults to counts_D (the
+                       token share for average="token", the (sequence, domain)-unit share for
+                       average="sequence"); pass `domain_token_counts` for the token share with
+                       average="sequence" (the spec's definition: config divergence.domain_weights).
     Returns (loss_L, jsd_L, num_present). With < 2 present domains loss and jsd are 0 (still in the
     graph, zero gradient) and num_present (a 0-d int64 tensor, no host sync) says it was skipped.
     """
@@ -122,7 +140,7 @@ def expert_divergence_loss(*, q_LDE: Tensor, counts_D: Tensor,
     if form == "pairwise_neglog":
         loss_L, jsd_L = _pairwise_neglog_L(q_LDE, present_D, eps)
     elif form == "generalized":
-        jsd_L = _generalized_jsd_L(q_LDE, counts_D, present_D)
+        jsd_L = _generalized_jsd_L(q_LDE, counts_D if weights_D is None else weights_D, present_D)
         loss_L = -jsd_L
     else:
         raise ValueError(f"form must be 'pairwise_neglog' or 'generalized', got {form!r}")

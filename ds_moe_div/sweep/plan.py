@@ -29,7 +29,8 @@ from ds_moe_div.sweep.config import (
 )
 
 # Keys that may differ between the planned config and a run dir's checkpoint without making it another run.
-IGNORED_KEYS = ("train.resume", "train.init_from", "train.show_progress", "train.steps", "train.run_dir")
+IGNORED_KEYS = ("train.resume", "train.init_from", "train.show_progress", "train.steps", "train.run_dir",
+                "train.resume_from")
 
 
 @dataclass(frozen=True)
