@@ -128,7 +128,7 @@ def test_runs_csv_regenerates_the_same_effects_as_the_run_dirs(tmp_path, capsys)
     write_comparison(plan)
     from_dirs = (plan.output_dir / "effects.csv").read_text()
     md = (plan.output_dir / "effects.md").read_text()
-    assert "Regenerate: `python -m ds_moe_div.sweep" in md and "--aggregate-only" in md
+    assert "Regenerate: `python -m ds_moe_div sweep" in md and "--aggregate-only" in md
     assert "Held-out target tokens scored per run: 1,000" in md and "lm_loss, lm_loss/math x the 1 declared" in md
     runs_csv = tmp_path / "runs.csv"
     shutil.copy(plan.output_dir / "runs.csv", runs_csv)

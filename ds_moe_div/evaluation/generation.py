@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ds_moe_div.cli import prog
+
 
 @dataclass(frozen=True)
 class Generated:
@@ -65,7 +67,7 @@ def generate(scorer, prompt: str | Sequence[int], *, max_new_tokens: int = 64, t
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="ds-moe-div generate", description=__doc__,
+    parser = argparse.ArgumentParser(prog=prog("generate"), description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", help="a run dir (its latest checkpoint), a checkpoints/ dir or a tag dir")
     parser.add_argument("--checkpoint", help="a tag of the run (global_step200)")

@@ -72,11 +72,10 @@ def plan_lines(plan: Plan, runs) -> list[str]:
             for row in [header, *rows]]
 
 
-def _shown(path: Path, base: Path) -> str:
-    try:
-        return str(path.relative_to(base))
-    except ValueError:
-        return str(path)
+def _shown(path: Path, base: Path | None = None) -> str:
+    """`path` relative to `base` (default: the cwd) when it lies inside, else absolute."""
+    path, base = Path(path).resolve(), Path(base).resolve() if base is not None else Path.cwd()
+    return str(path.relative_to(base)) if path.is_relative_to(base) else str(path)
 
 
 def print_plan(plan: Plan, runs, *, verbose: bool = False) -> None:
@@ -97,13 +96,8 @@ def print_plan(plan: Plan, runs, *, verbose: bool = False) -> None:
             print("  eval:  " + shlex.join(eval_command(run, plan.eval)))
 
 
-def _shown(path: Path) -> str:
-    path = Path(path).resolve()
-    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
-
-
 def regenerate_command(plan: Plan, runs_csv: Path | None) -> str:
-    cmd = ["python", "-m", "ds_moe_div.sweep", _shown(plan.sweep_file), "--aggregate-only"]
+    cmd = ["python", "-m", "ds_moe_div", "sweep", _shown(plan.sweep_file), "--aggregate-only"]
     cmd += ["--quick"] if plan.quick else []
     cmd += ["--runs-csv", _shown(runs_csv)] if runs_csv is not None else []
     return shlex.join(cmd)

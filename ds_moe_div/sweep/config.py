@@ -15,7 +15,7 @@ Schema (JSON; unknown keys fail with their dotted path, like the experiment conf
      "output_dir": "runs/sweeps/objectives",               # default runs/sweeps/<name>
      "num_ranks": 2, "reference": "baseline",              # the variant the table's differences refer to
      "eval": {"split": "test", "permutation_seeds": 3, "max_batches": 50, "domain_column": "domain",
-              "args": ["--tasks", "cloze"]},                    # more `ds-moe-div eval` arguments
+              "args": ["--tasks", "cloze"]},                    # more `python -m ds_moe_div eval` arguments
      "quick": {"base_config": "...", "overrides": [...], "seeds": [0], "variants": ["baseline", ...]}}
 
 An override value may contain `{seed}` (replaced by the run's seed, e.g. a shuffle seed per run).
@@ -81,7 +81,7 @@ class EvalSpec:
     # Label every run's held-out tokens with this corpus column (e.g. "domain"), so that runs trained
     # on other label schemes are compared on the same per-domain PPL and routing statistics.
     domain_column: str | None = None
-    # More arguments of `ds-moe-div eval`, e.g. ["--tasks", "cloze", "--ablation", "on"] (evaluation/tasks.py).
+    # More arguments of `python -m ds_moe_div eval`, e.g. ["--tasks", "cloze", "--ablation", "on"] (evaluation/tasks.py).
     args: tuple[str, ...] = ()
 
     def __post_init__(self):
