@@ -74,6 +74,10 @@ class LineProgress:
             print(self.line(), file=self.stream or sys.stderr, flush=True)
             self._last_printed = self.n
 
+    def write(self, text: str) -> None:
+        """A message line (tqdm.write's counterpart)."""
+        print(text, file=self.stream or sys.stderr, flush=True)
+
     def close(self) -> None:
         pass
 
@@ -94,6 +98,16 @@ def bar(*, total: int, initial: int = 0, desc: str, unit: str, enabled: bool, lo
         return LineProgress(total=total, initial=initial, desc=desc, unit=unit, log_every=log_every, stream=stream)
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True,
                 file=stream)
+
+
+def wrap(iterable, *, total: int | None = None, desc: str, unit: str, enabled: bool, log_every: int | None = None,
+         stream: TextIO | None = None):
+    """Iterate `iterable` with a `bar` (log_every None: about every tenth of `total`, else every 10,000)."""
+    every = log_every or (max(1, total // 10) if total else 10_000)
+    with bar(total=total or 0, desc=desc, unit=unit, enabled=enabled, log_every=every, stream=stream) as b:
+        for item in iterable:
+            yield item
+            b.update(1)
 
 
 def training_summary(run_dir, *, steps: int, seconds: float, last: dict[str, float], split: str = "val") -> str:

@@ -103,3 +103,11 @@ def test_readme_example_overrides_change_the_tiny_config():
     for item in overrides:
         changed = flatten(to_dict(load_experiment(ROOT / config, [item])))
         assert changed != base, f"README override {item} is tiny.json's own value"
+
+
+def test_wrapped_iteration_logs_about_every_tenth_off_a_terminal():
+    stream = io.StringIO()
+    items = list(progress.wrap(range(20), total=20, desc="tokenize", unit="doc", enabled=True, stream=stream))
+    assert items == list(range(20))
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 10 and lines[-1].startswith("tokenize: doc 20/20 (100%)")

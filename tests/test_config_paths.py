@@ -103,3 +103,51 @@ def test_a_sweep_plan_with_relative_paths_matches_its_runs_absolute_ones(tmp_pat
     assert config_differences(Run, to_dict(plan_cfg)) == []  # an older run that stored them relative
     other = absolute_dict(to_dict(load_experiment(None, ['data.corpus="builtin"', "data.corpus_dir=/elsewhere"])))
     assert config_differences(Run, other) and "corpus_dir" in config_differences(Run, other)[0]
+
+
+def _train_from(rank, world_size, project, cache):
+    """Train 2 steps from `project` with a corpus path relative to it; return config.json's data section."""
+    from ds_moe_div.session import build
+    from ds_moe_div.train import run
+
+    root = Path(__file__).resolve().parents[1]
+    os.chdir(project)
+    cfg = load_experiment(root / "ds_configs/experiments/smoke.json",
+                          ["train.run_dir=runs/r", "train.steps=2", "train.save_interval=2", "train.eval_interval=2",
+                           "data.corpus=data/corpus.jsonl.gz", f"data.cache_dir={cache}", "train.routing_stats=false"])
+    run(build(cfg, json.loads((root / "ds_configs/ds_zero2_cpu.json").read_text())))
+    return json.loads(rundir.config_path("runs/r").read_text())["data"]
+
+
+def _eval_from(rank, world_size, cwd, argv):
+    from ds_moe_div.evaluation.runner import main
+
+    os.chdir(cwd)
+    return main(argv)
+
+
+@pytest.mark.slow
+def test_eval_from_another_directory_and_of_moved_data(tmp_path, capfd):
+    import shutil
+
+    from ds_moe_div.data.readers import FIXTURE
+    from tests.dist_utils import run_on_ranks
+
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    (project / "data").mkdir(parents=True)
+    elsewhere.mkdir()
+    shutil.copy(FIXTURE, project / "data" / "corpus.jsonl.gz")
+    data = run_on_ranks(_train_from, world_size=1, args=(str(project), str(tmp_path / "cache")), timeout=300)[0]
+    assert data["corpus"] == str(project / "data" / "corpus.jsonl.gz")  # stored absolute
+    assert data["cache_dir"] == str(tmp_path / "cache")
+    argv = ["--run-dir", str(project / "runs" / "r"), "--max-batches", "2", "--permutation-seeds", "0",
+            "--no-progress"]
+    assert run_on_ranks(_eval_from, world_size=1, args=(str(elsewhere), argv), timeout=300)[0] == 0
+    assert rundir.report_path(rundir.eval_dir(project / "runs" / "r", "global_step2")).is_file()
+    shutil.move(project / "data", tmp_path / "moved")  # the data moved: named, with the fix
+    assert run_on_ranks(_eval_from, world_size=1, args=(str(elsewhere), argv), timeout=300)[0] == 2
+    err = capfd.readouterr().err
+    assert "data.corpus=" in err and "--override data.corpus=<where it is now>" in err
+    fixed = [*argv, "--override", f"data.corpus={tmp_path / 'moved' / 'corpus.jsonl.gz'}", "--out", str(tmp_path / "o")]
+    assert run_on_ranks(_eval_from, world_size=1, args=(str(elsewhere), fixed), timeout=300)[0] == 0
+    assert rundir.report_path(tmp_path / "o").is_file()

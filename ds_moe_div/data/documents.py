@@ -12,7 +12,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm.auto import tqdm
+
+from ds_moe_div import progress
 
 from .config import DataConfig
 from .errors import DataError, at
@@ -51,7 +52,7 @@ def scan_corpus(source: Source, cfg: DataConfig, *, show_progress: bool = True) 
     bytes_R = array("q")
     seen: set[bytes] = set()
     texts: list[str] | None = None if cfg.streaming else []
-    rows = tqdm(iter_rows(source, cfg), desc="read corpus", unit="doc", disable=not show_progress)
+    rows = progress.wrap(iter_rows(source, cfg), desc="read corpus", unit="doc", enabled=show_progress)
     for text, raw, src, row in rows:
         key = label_key(raw, src, row)
         code, size = EMPTY, 0

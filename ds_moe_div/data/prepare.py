@@ -16,9 +16,8 @@ from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
-from tqdm.auto import tqdm
 
-from ds_moe_div import fileio
+from ds_moe_div import fileio, progress
 
 from .cache import (
     MANIFEST,
@@ -131,8 +130,8 @@ def _tokenize(cfg: DataConfig, source: Source, scan: Scan, split_R: np.ndarray, 
         np.add.at(tokens[s], domains, lengths)
         pending[s] = []
 
-    documents = tqdm(iter_documents(source, cfg, scan), total=int((split_R >= 0).sum()), desc="tokenize",
-                     unit="doc", disable=not show_progress)
+    documents = progress.wrap(iter_documents(source, cfg, scan), total=int((split_R >= 0).sum()), desc="tokenize",
+                              unit="doc", enabled=show_progress)
     for row, text in documents:
         s = int(split_R[row])
         pending[s].append((row, text))

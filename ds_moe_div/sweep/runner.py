@@ -13,10 +13,9 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
-
 from ds_moe_div import rundir
 from ds_moe_div.fileio import free_port
+from ds_moe_div.progress import bar as progress_bar
 from ds_moe_div.sweep.launch import (
     Processes,
     environment,
@@ -131,7 +130,7 @@ def execute(plan: Plan, runs: list[RunSpec], *, slots: list, on_cpu: bool, progr
     """Process `runs` (dependency-ordered, see plan.select) on `slots`; one Outcome per run, in run order."""
     procs, outcomes, pending, running = Processes(), {}, list(runs), {}
     free, keys = list(slots), {run.key for run in runs}
-    bar = tqdm(total=len(runs), desc=f"sweep {plan.sweep.name}", unit="run", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=len(runs), desc=f"sweep {plan.sweep.name}", unit="run", enabled=progress, log_every=1)
 
     def finish(outcome: Outcome) -> None:
         outcomes[outcome.run.key] = outcome
