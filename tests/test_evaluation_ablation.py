@@ -1,6 +1,7 @@
 """Expert ablation and keep-k through the gate's routing override, on a tiny random model (one process)."""
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -143,3 +144,28 @@ def test_keep_k_evaluation_on_a_model():
     result = keep_k_evaluation(run_pass, model.moe_layers(), base)
     assert list(result) == ["k=1"]
     assert result["k=1"]["ppl"] != base.ppl and result["k=1"]["rel"] == pytest.approx(result["k=1"]["ppl"] / base.ppl - 1)
+
+
+def test_masking_and_keep_k_apply_to_loss_free_selection():
+    """With Loss-Free Balancing the bias picks the experts: a masked expert must still never be chosen,
+    and keep-k must still route to the top-k' of p + b (selection_bias.biased_gating takes both)."""
+    import ds_moe_div
+
+    # (an editable install elsewhere can resolve the module from another tree: look in this one)
+    if not (Path(ds_moe_div.__file__).parent / "selection_bias.py").is_file():
+        pytest.skip("no Loss-Free Balancing (ds_moe_div/selection_bias.py) in this tree")
+    from ds_moe_div import selection_bias
+
+    model = tiny()
+    gates = [layer.gate for layer in model.moe_layers()]
+    for bias in selection_bias.enable_selection_bias(gates):
+        bias.copy_(torch.tensor([5.0, 0.0, 0.0, 0.0]))  # expert 0 always wins the selection
+    ids = torch.randint(2, V, (2, S), generator=torch.Generator().manual_seed(3))
+    assert all((r.indices_TK == 0).any(-1).all() for r in forward(model, ids).routing)
+    with masked_experts(model.moe_layers(), [[0], [0]]):
+        masked = forward(model, ids)
+    assert all(not (r.indices_TK == 0).any() for r in masked.routing)
+    with keep_k(model.moe_layers(), 1):
+        one = forward(model, ids)
+    for record in one.routing:
+        assert (record.indices_TK == 0).all() and torch.equal(record.weights_TK, record.kept_TK.float())

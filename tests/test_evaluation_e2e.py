@@ -205,7 +205,8 @@ def test_cli_with_another_label_scheme_writes_report_and_tensorboard(run_dir, on
     events.Reload()
     tags = events.Tags()
     assert {"routing/heatmap/layer_0", "routing/heatmap/all_layers", "eval/test_delta_ppl"} <= set(tags["images"])
-    assert {"eval/test_lm_loss", "eval/test_ppl/code", "routing/mi/layer_1"} <= set(tags["scalars"])
+    assert {"eval/test_lm_loss", "eval/test_ppl/code", "routing/mi/layer_1", "eval/test_tasks/cloze/acc"} <= \
+        set(tags["scalars"])
     assert events.Scalars("eval/test_lm_loss")[0].step == STEPS
 
 

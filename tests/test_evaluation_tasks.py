@@ -129,6 +129,14 @@ def test_lm_eval_runs_the_cloze_task_with_the_accuracy_of_our_harness(setup, tmp
             assert theirs[task][metric] == pytest.approx(ours["per_domain"][domain][metric], abs=1e-12), (task, metric)
 
 
+def test_unknown_lm_eval_task_is_a_clear_error(setup):
+    pytest.importorskip("lm_eval", reason="lm-eval not installed: pip install -e .[eval]")
+    from ds_moe_div.evaluation.lm_eval_bridge import DsMoeLM, run_lm_eval
+
+    with pytest.raises(ValueError, match="lm-eval does not know a task of \\['no_such_task_xyz'\\]"):
+        run_lm_eval(DsMoeLM(setup[1]), ["no_such_task_xyz"])
+
+
 def test_lm_eval_bridge_requests(setup):
     pytest.importorskip("lm_eval", reason="lm-eval not installed: pip install -e .[eval]")
     from lm_eval.api.instance import Instance

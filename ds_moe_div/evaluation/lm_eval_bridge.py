@@ -66,9 +66,18 @@ def run_lm_eval(lm: DsMoeLM, tasks: Sequence[str], *, include_path=None, limit: 
     from lm_eval.tasks import TaskManager
 
     manager = TaskManager(include_path=str(include_path) if include_path else None)
-    evaluated = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
-                                        num_fewshot=num_fewshot, log_samples=False, random_seed=seed,
-                                        numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+    try:
+        evaluated = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
+                                            num_fewshot=num_fewshot, log_samples=False, random_seed=seed,
+                                            numpy_random_seed=seed, torch_random_seed=seed,
+                                            fewshot_random_seed=seed)
+    except KeyError as e:
+        raise ValueError(f"lm-eval does not know a task of {list(tasks)}: {e}. Names as in `lm_eval --tasks list`; "
+                         "task YAMLs of your own: --lm-eval-include-path DIR") from e
+    except (ConnectionError, OSError) as e:
+        raise ValueError(f"lm-eval could not load the data of {list(tasks)} ({type(e).__name__}: {e}); it comes from "
+                         "the Hugging Face hub (or HF_DATASETS_CACHE); offline, use local task YAMLs "
+                         "(--lm-eval-include-path DIR)") from e
     if evaluated is None:
         raise RuntimeError("lm_eval.simple_evaluate returned nothing (not the main rank?)")
     return evaluated["results"]

@@ -253,6 +253,8 @@ def tensorboard_scalars(report: dict) -> dict[str, float]:
     out[f"{prefix}_lm_loss"], out[f"{prefix}_ppl"] = report["lm_loss"], report["ppl"]
     for name, d in report["per_domain"].items():
         out[f"{prefix}_lm_loss/{name}"], out[f"{prefix}_ppl/{name}"] = d["lm_loss"], d["ppl"]
+    from ds_moe_div.evaluation.task_report import flat_metrics
+    out.update({f"{prefix}_{key}": value for key, value in flat_metrics(report).items()})  # tasks/..., ablation/...
     for key, entry in report["delta_ppl"].items():
         out[f"{prefix}_delta_ppl/{key}"] = entry["mean"]
         for name, d in entry["per_domain"].items():

@@ -227,7 +227,8 @@ def _other_metrics(summaries: list[VariantSummary]) -> list[str]:
     text = []
     for title, prefixes in sections:
         keys = [k for k in dict.fromkeys(k for s in summaries for k in s.mean) if k.startswith(prefixes)
-                and k not in shown and (not k.startswith("routing/") or k.endswith("/mean"))]
+                and k not in shown and (not k.startswith("routing/") or k.endswith("/mean"))
+                and not k.startswith("routing/entropy/")]  # one per domain: in comparison.csv
         if keys:
             text += [f"## {title}\n", table(["variant", "n", *keys], _by_metric(summaries, keys)) + "\n"]
     return text
