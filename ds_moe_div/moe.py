@@ -49,10 +49,10 @@ class RoutingGate(ds_moe.TopKGate):
         if self.routing_override is not None:
             logits, k = self.routing_override(logits, k)
         bias = self._buffers.get(selection_bias.BUFFER)
-        if bias is not None and k == self.k:  # Loss-Free Balancing: the bias picks the experts, the weights stay unbiased
+        if bias is not None:  # Loss-Free Balancing: the bias picks the experts, the weights stay unbiased
             if self.routing_override is not None:  # a masked expert (-inf logits) stays unselectable
                 bias = bias.masked_fill(torch.isinf(logits).all(0), float("-inf"))
-            return selection_bias.biased_gating(self, logits, bias, capacity_factor), logits
+            return selection_bias.biased_gating(self, logits, bias, capacity_factor, k=k), logits
         if k != self.k:
             out = ds_moe.topkgating(logits, k, capacity_factor, self.min_capacity, self.drop_tokens, self.ep_group,
                                     sparse_routes=True)

@@ -72,12 +72,18 @@ def deepspeed_l_aux(*, probs_TE: Tensor, selection_TE: Tensor, k: int) -> Tensor
     return num_experts * (me_E * ce_E).sum() / k
 
 
-def biased_gating(gate, logits_TE: Tensor, bias_E: Tensor, capacity_factor: float) -> tuple:
+def biased_gating(gate, logits_TE: Tensor, bias_E: Tensor, capacity_factor: float, k: int | None = None) -> tuple:
     """DeepSpeed's sparse-route gating outputs (l_aux, capacity, E, indices [K,T], locations [K,T],
-    weights [K,T], exp_counts) with top-k selection on p + b and weights/l_aux from p."""
+    weights [K,T], exp_counts) with top-k selection on p + b and weights/l_aux from p. `k` other than the
+    gate's (keep-k evaluation, evaluation/ablation.py): the top-k' of p + b through DeepSpeed's topkgating,
+    weights renormalised over the kept slots."""
+    k = gate.k if k is None else k
     probs_TE = torch.softmax(logits_TE, dim=-1)
     scores_TE = probs_TE.detach() + bias_E.to(probs_TE.dtype)
-    if gate.k == 1:
+    if k != gate.k:
+        out = ds_moe.topkgating(scores_TE, k, capacity_factor, gate.min_capacity, gate.drop_tokens, gate.ep_group,
+                                sparse_routes=True)
+    elif gate.k == 1:
         out = ds_moe.top1gating(scores_TE, capacity_factor, gate.min_capacity, None, None, gate.drop_tokens,
                                 gate.use_rts, gate.ep_group, True, False)
     elif gate.k == 2:
@@ -88,6 +94,8 @@ def biased_gating(gate, logits_TE: Tensor, bias_E: Tensor, capacity_factor: floa
                                 gate.ep_group, sparse_routes=True)
     _, capacity, num_experts, indices_KT, locations_KT, _, exp_counts = out
     weights_KT = unbiased_gate_weights(probs_TE=probs_TE, indices_KT=indices_KT)
+    if k != gate.k:  # keep-k: renormalised over the kept slots, as DeepSpeed's topkgating does
+        weights_KT = weights_KT / weights_KT.sum(0).clamp(min=torch.finfo(weights_KT.dtype).eps)
     # DeepSpeed's own selection scores (its softmax of p + b) decide the l_aux counts, as in its gating.
-    l_aux = deepspeed_l_aux(probs_TE=probs_TE, selection_TE=torch.softmax(scores_TE, dim=1), k=gate.k)
+    l_aux = deepspeed_l_aux(probs_TE=probs_TE, selection_TE=torch.softmax(scores_TE, dim=1), k=k)
     return l_aux, capacity, num_experts, indices_KT, locations_KT, weights_KT, exp_counts

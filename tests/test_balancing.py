@@ -229,6 +229,7 @@ def _train_save_resume(rank, world_size, tmp):
     scalars = read_scalars(f"{tmp}/run") if rank == 0 else {}
     state.save()
     trained = [b.clone() for b in state.balancer.biases]
+    state.close()  # releases the run dir's lock for the resumed session
     resumed = build(load_experiment(root / "ds_configs" / "experiments" / "smoke.json", [*overrides, "train.resume=true"]), ds)
     return {"trained": trained, "resumed": [b.clone() for b in resumed.balancer.biases], "step": resumed.step,
             "counts": counts, "scalars": scalars}
