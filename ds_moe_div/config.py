@@ -121,7 +121,9 @@ class DivergenceConfig:
 class OrthogonalityConfig:
     """Guo et al. Eq. 5: orthogonality of the outputs of the experts a token selects."""
     coef: float | Literal["auto"] = 0.0
-    form: Literal["pairwise", "span"] = "pairwise"
+    # pairwise: Eq. 5 (default); span: the released code's projection form; cosine: pairwise on
+    # unit-normalised outputs (sum of cos^2, scale-free: a control for a norm-penalty reading).
+    form: Literal["pairwise", "span", "cosine"] = "pairwise"
     reduction: Literal["mean", "sum"] = "mean"
     eps: float = 1e-6
     auto_target: float = 1e-4
