@@ -167,8 +167,9 @@ class TrainConfig:
     # heatmaps + load histograms every heatmap_interval steps.
     routing_stats: bool = True
     heatmap_interval: int = 100
-    # Expert Overlap in the routing window: the model hands out its selected experts' outputs every
-    # micro-step (always so when the orthogonality loss is on). Off by default: it changes the combine path.
+    # Expert Overlap and the experts' mean output norm in the routing window: the model hands out its
+    # selected experts' outputs every micro-step (always so when the orthogonality loss is on). Off by
+    # default: it changes the combine path.
     expert_overlap: bool = False
     resume: bool = False  # continue from the latest checkpoint in run_dir
     # Resume from this tag of run_dir's checkpoints (implies resume); None: the newest complete one.
