@@ -121,7 +121,9 @@ class DivergenceConfig:
 class OrthogonalityConfig:
     """Guo et al. Eq. 5: orthogonality of the outputs of the experts a token selects."""
     coef: float | Literal["auto"] = 0.0
-    form: Literal["pairwise", "span"] = "pairwise"
+    # pairwise: Eq. 5 (default); span: the released code's projection form; cosine: pairwise on
+    # unit-normalised outputs (sum of cos^2, scale-free: a control for a norm-penalty reading).
+    form: Literal["pairwise", "span", "cosine"] = "pairwise"
     reduction: Literal["mean", "sum"] = "mean"
     eps: float = 1e-6
     auto_target: float = 1e-4
@@ -165,8 +167,9 @@ class TrainConfig:
     # heatmaps + load histograms every heatmap_interval steps.
     routing_stats: bool = True
     heatmap_interval: int = 100
-    # Expert Overlap in the routing window: the model hands out its selected experts' outputs every
-    # micro-step (always so when the orthogonality loss is on). Off by default: it changes the combine path.
+    # Expert Overlap and the experts' mean output norm in the routing window: the model hands out its
+    # selected experts' outputs every micro-step (always so when the orthogonality loss is on). Off by
+    # default: it changes the combine path.
     expert_overlap: bool = False
     resume: bool = False  # continue from the latest checkpoint in run_dir
     # Resume from this tag of run_dir's checkpoints (implies resume); None: the newest complete one.

@@ -20,7 +20,8 @@ class LogWindow:
                  expert_overlap: bool = False) -> None:
         """`routing`: accumulates domain x expert statistics over the window (None: losses only).
         `expert_overlap`: ask the model for its selected experts' outputs every micro-step so that the
-        window also measures Expert Overlap (they are collected anyway when the orthogonality loss is on)."""
+        window also measures Expert Overlap and the experts' mean output norm (they are collected anyway when
+        the orthogonality loss is on)."""
         self.routing = routing
         self.domain_names = tuple(domain_names)
         self.needs_expert_outputs = expert_overlap and routing is not None

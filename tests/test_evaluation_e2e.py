@@ -117,10 +117,12 @@ def test_delta_ppl_is_positive_on_a_model_trained_to_route_domains_apart(one_ran
 def test_report_has_the_paper_metrics_with_the_silhouette_sample(one_rank):
     report, _, out = one_rank
     routing = report["routing"]
-    for name in ("max_violation_global", "routing_variance", "expert_overlap", "coselection_jaccard", "silhouette"):
+    for name in ("max_violation_global", "routing_variance", "expert_overlap", "coselection_jaccard", "silhouette",
+                 "expert_output_norm"):
         for suffix in ("layer_0", "layer_1", "mean"):
             assert routing[f"routing/{name}/{suffix}"] is not None, (name, suffix)
     assert 0 <= routing["routing/expert_overlap/mean"] <= 1 and -1 <= routing["routing/silhouette/mean"] <= 1
+    assert routing["routing/expert_output_norm/mean"] > 0
     assert report["silhouette"]["sample_size"] == 2000 and report["silhouette"]["distance"] == "cosine"
     md = (out / "report.md").read_text()
     assert "MaxVio_global" in md and "Silhouette: 2000 sampled tokens" in md

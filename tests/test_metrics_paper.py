@@ -178,7 +178,8 @@ def _reduce_on_rank(rank, world_size):
         stats = acc.reduce(dist.group.WORLD)
     finally:
         dist.all_reduce = original
-    return {"calls": calls, "paper": {k: v.tolist() for k, v in stats.paper_per_layer().items()}}
+    return {"calls": calls, "paper": {k: v.tolist() for k, v in stats.paper_per_layer().items()},
+            "output_norm": stats.per_layer()["expert_output_norm"].tolist()}
 
 
 @pytest.mark.slow
@@ -189,6 +190,11 @@ def test_two_ranks_equal_the_concatenated_global_batch_with_one_all_reduce():
         assert len(res["calls"]) == 1
         for name, values in expected.items():
             assert res["paper"][name] == pytest.approx(values, rel=1e-6), name  # overlap: fp32 cosines
+    # The selected experts' mean output norm rides in the same buffer (tests/test_metrics_output_norm.py).
+    from tests.test_metrics_output_norm import naive_window_norms
+    expected_norm = naive_window_norms(_steps(*RANK_STEPS[0]) + _steps(*RANK_STEPS[1]))
+    for res in results:
+        assert res["output_norm"] == pytest.approx(expected_norm, rel=1e-6)
 
 
 def test_paper_metrics_can_be_switched_off():

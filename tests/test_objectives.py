@@ -150,6 +150,21 @@ def naive_orth_pairwise(y_TKM, kept_TK, mask_T, eps, reduction):
     return total if reduction == "sum" else total / max(valid, 1)
 
 
+def naive_orth_cosine(y_TKM, kept_TK, mask_T, eps, reduction):
+    total, valid = y_TKM.new_zeros(()), 0
+    for t in range(y_TKM.shape[0]):
+        if mask_T is not None and not mask_T[t]:
+            continue
+        valid += 1
+        alive = [k for k in range(y_TKM.shape[1]) if kept_TK[t, k]]
+        for j in alive:
+            for k in alive:
+                if j != k:
+                    yj, yk = y_TKM[t, j], y_TKM[t, k]
+                    total = total + ((yj @ yk) / (max(yj.norm(), eps) * max(yk.norm(), eps))) ** 2
+    return total if reduction == "sum" else total / max(valid, 1)
+
+
 def naive_orth_span(y_TKM, kept_TK, mask_T, reduction, *, pinv: bool = False):
     """Projection onto span of the other surviving slots: G^{-1} (generic inputs) or pinv (degenerate)."""
     total, valid = y_TKM.new_zeros(()), 0
@@ -399,6 +414,53 @@ def test_orthogonality_span_matches_naive(reduction):
              lambda x: naive_orth_span(x, kept, mask, reduction), [y], rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_orthogonality_cosine_matches_naive(reduction, use_mask):
+    y, kept, mask = _slots(K=4, seed=25)
+    mask = mask if use_mask else None
+    _compare(lambda x: obj.orthogonality_loss(outputs_TKM=x, kept_TK=kept, mask_T=mask, form="cosine",
+                                              reduction=reduction),
+             lambda x: naive_orth_cosine(x, kept, mask, 1e-6, reduction), [y])
+
+
+def test_orthogonality_cosine_is_scale_free_and_the_pairwise_form_on_unit_outputs():
+    y, kept, mask = _slots(K=3, seed=26)
+    scale = torch.exp(_randn(y.shape[0], y.shape[1], 1, seed=27) * 3)  # each expert output rescaled by 0.05-20x
+    kwargs = {"kept_TK": kept, "mask_T": mask, "form": "cosine"}
+    base = obj.orthogonality_loss(outputs_TKM=y, **kwargs)
+    torch.testing.assert_close(obj.orthogonality_loss(outputs_TKM=y * scale, **kwargs), base, rtol=1e-12, atol=0)
+    unit = y / y.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(obj.orthogonality_loss(outputs_TKM=unit, kept_TK=kept, mask_T=mask, eps=0.0), base,
+                               rtol=1e-12, atol=0)
+    # The pairwise form is not scale-free: it is what the cosine form controls for.
+    pairwise = obj.orthogonality_loss(outputs_TKM=y, kept_TK=kept, mask_T=mask)
+    assert not torch.allclose(obj.orthogonality_loss(outputs_TKM=3 * y, kept_TK=kept, mask_T=mask), pairwise)
+    torch.testing.assert_close(obj.orthogonality_loss(outputs_TKM=3 * y, kept_TK=kept, mask_T=mask, eps=0.0),
+                               9 * obj.orthogonality_loss(outputs_TKM=y, kept_TK=kept, mask_T=mask, eps=0.0),
+                               rtol=1e-12, atol=0)
+    # The gradient is orthogonal to each output (no radial component: no pull on the norms).
+    leaf = y.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(obj.orthogonality_loss(outputs_TKM=leaf, **kwargs), leaf)
+    torch.testing.assert_close((g * y).sum(-1), torch.zeros(y.shape[:2], dtype=DT), rtol=0, atol=1e-12)
+    assert g.abs().sum() > 0
+
+
+def test_orthogonality_cosine_bounds_and_orthogonal_outputs():
+    eye = torch.eye(3, dtype=DT)[None].expand(2, 3, 3) * torch.tensor([1.0, 5.0, 0.2], dtype=DT)[:, None]
+    kept = torch.ones(2, 3, dtype=torch.bool)
+    assert obj.orthogonality_loss(outputs_TKM=eye, kept_TK=kept, form="cosine").item() == 0.0
+    same = _randn(1, 1, 4, seed=28).expand(2, 3, 4) * torch.tensor([1.0, -2.0, 7.0], dtype=DT)[:, None]
+    torch.testing.assert_close(obj.orthogonality_loss(outputs_TKM=same, kept_TK=kept, form="cosine"),
+                               torch.tensor(6.0, dtype=DT), rtol=1e-12, atol=0)  # K(K-1) = 6 per token
+
+
+def test_orthogonality_cosine_gradcheck():
+    y, kept, mask = _slots(T=4, K=3, M=4, seed=32)
+    torch.autograd.gradcheck(lambda x: obj.orthogonality_loss(outputs_TKM=x, kept_TK=kept, mask_T=mask, form="cosine"),
+                             (y.requires_grad_(True),))
+
+
 def test_orthogonality_span_gradcheck():
     y, kept, mask = _slots(T=4, K=3, M=4, seed=31)
     torch.autograd.gradcheck(lambda x: obj.orthogonality_loss(outputs_TKM=x, kept_TK=kept, mask_T=mask, form="span"),
@@ -442,9 +504,12 @@ def test_orthogonality_span_stable_for_collinear_and_zero_outputs():
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
     _grads_finite(got, leaf)
     _grads_finite(obj.orthogonality_loss(outputs_TKM=leaf, kept_TK=kept, reduction="sum"), leaf)
+    cosine = obj.orthogonality_loss(outputs_TKM=leaf, kept_TK=kept, form="cosine", reduction="sum")
+    torch.testing.assert_close(cosine, naive_orth_cosine(y, kept, None, 1e-6, "sum"), rtol=1e-12, atol=0)
+    _grads_finite(cosine, leaf)
 
 
-@pytest.mark.parametrize("form", ["pairwise", "span"])
+@pytest.mark.parametrize("form", ["pairwise", "span", "cosine"])
 def test_orthogonality_uses_token_order(form):
     y, kept, _ = _slots(T=8, K=3, seed=70)
     kept[:] = True
@@ -469,7 +534,7 @@ def test_orthogonality_ignores_dropped_slots_and_padding():
     garbage = y.clone()
     garbage[~kept] = 1e3
     garbage[~mask] = -7.0
-    for form in ("pairwise", "span"):
+    for form in ("pairwise", "span", "cosine"):
         a = obj.orthogonality_loss(outputs_TKM=y, kept_TK=kept, mask_T=mask, form=form)
         b = obj.orthogonality_loss(outputs_TKM=garbage, kept_TK=kept, mask_T=mask, form=form)
         torch.testing.assert_close(a, b, rtol=1e-14, atol=0)

@@ -153,6 +153,14 @@ def test_confirmatory_sweeps_use_the_preregistered_settings(path):
             assert balance.scope == "global_batch" and balance.coef == pytest.approx(1e-3)
 
 
+def test_posttrain_dose_sweep_has_the_doses_and_the_cosine_control_arm():
+    path = ROOT / "ds_configs" / "sweeps" / "confirm_posttrain_dose.json"
+    arms = {run.variant: (run.config.objectives.orthogonality.form, run.config.objectives.orthogonality.coef)
+            for run in build_plan(load_sweep(path), path).runs}
+    assert arms == {"pretrain": ("pairwise", 0.0), "ft_aux": ("pairwise", 0.0), "ft_orth_0.003": ("pairwise", 0.003),
+                    "ft_orth_0.03": ("pairwise", 0.03), "ft_orth_cosine_0.01": ("cosine", 0.01)}
+
+
 def test_confirmatory_seed_blocks_do_not_overlap():
     blocks = {}
     for path in CONFIRMATORY:
@@ -168,7 +176,6 @@ def test_confirmatory_seed_blocks_do_not_overlap():
 # (experiment-config key, a value it must accept) or ("file", path). While one is missing the file's test is
 # skipped, naming it; once it exists the file is planned and validated like every other.
 PENDING = {
-    "confirm_posttrain_dose": [("objectives.orthogonality.form", "cosine")],
     "confirm_paper_setting": [("objectives.balance.method", "aux"), ("sweep", "eval.args"),
                               ("file", "ds_configs/experiments/posttrain_lora.json")],
 }

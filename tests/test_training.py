@@ -75,8 +75,10 @@ def test_launcher_run_logs_every_enabled_term_and_checkpoints(smoke_run):
         assert tag in tags, tag
     for tag in ("routing/mi/layer_0", "routing/purity/mean", "routing/max_violation/layer_1", "routing/entropy/code/layer_0"):
         assert tag in tags, tag
-    for name in ("max_violation_global", "routing_variance", "expert_overlap", "coselection_jaccard"):  # paper metrics
+    for name in ("max_violation_global", "routing_variance", "expert_overlap", "coselection_jaccard",  # paper metrics
+                 "expert_output_norm"):  # L_o is on: the selected experts' outputs are collected
         assert len(tags[f"routing/{name}/layer_0"]) == 6 and len(tags[f"routing/{name}/mean"]) == 6, name
+    assert all(v > 0 for v in tags["routing/expert_output_norm/mean"].values())
     images = pictures(run_dir / "tensorboard")
     assert {"routing/heatmap/layer_0", "routing/heatmap/all_layers"} <= set(images["images"])
     assert "routing/load/layer_1" in images["histograms"]

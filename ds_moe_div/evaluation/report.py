@@ -32,6 +32,7 @@ SPECIALISATION_METRICS = (
     ("max_violation_global", "MaxVio_global"), ("routing_variance", "routing variance"),
     ("expert_overlap", "Expert Overlap (mean \\|cos\\|)"), ("coselection_jaccard", "co-selection Jaccard"),
     ("silhouette", "silhouette (cosine, MoE input)"),
+    ("expert_output_norm", "mean selected-expert output norm"),  # metrics/output_norm.py
 )
 
 

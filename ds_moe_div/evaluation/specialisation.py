@@ -1,17 +1,20 @@
-"""The evaluation pass for the metrics that need more than routing counts: Expert Overlap (the selected
-experts' outputs) and the Silhouette coefficient (the MoE layers' input hidden states).
+"""The evaluation pass for the metrics that need more than routing counts: Expert Overlap and the mean
+output norm (the selected experts' outputs) and the Silhouette coefficient (the MoE layers' input
+hidden states).
 
     scalars, info = specialisation_pass(engine, layers, batches, sample_size=2000, seed=0)   # collective
 
 One extra forward pass over the held-out batches, with the experts' outputs collected and a forward hook
 on each MoE layer. Expert Overlap (metrics.paper.expert_overlap) covers every labelled token with two
-kept experts, summed over ranks with one all-reduce. Silhouette (metrics.paper.silhouette): tokens
+kept experts, and the mean output norm (metrics.output_norm) every kept slot of a labelled token, both
+summed over ranks with one all-reduce. Silhouette (metrics.paper.silhouette): tokens
 labelled by their top-1 selected expert (slot 0 of the routing record), features = the MoE layer's
 input hidden state (after the pre-FFN norm), cosine distance, on a fixed random sample of at most
 `sample_size` labelled tokens: each token gets a pseudo-random key from its sequence's token ids, its
 position and `seed` (`token_keys`), every rank keeps its `sample_size` smallest keys, and the gathered
 samples are cut to the smallest overall, so 1 and N ranks score the same sample.
-Tags: routing/expert_overlap/layer_<id>, routing/silhouette/layer_<id>, and .../mean.
+Tags: routing/expert_overlap/layer_<id>, routing/expert_output_norm/layer_<id>,
+routing/silhouette/layer_<id>, and .../mean.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import torch.distributed as dist
 
 from ds_moe_div.distributed import all_reduce_sum
 from ds_moe_div.metrics import paper
+from ds_moe_div.metrics.output_norm import output_norm_sums
 
 FEATURE_SPACE = "MoE layer input hidden states (after the pre-FFN RMSNorm)"
 
@@ -81,14 +85,16 @@ def specialisation_pass(engine, layers: Sequence, batches: Iterable[dict], *, sa
     finally:
         for hook in hooks:
             hook.remove()
-    sums = all_reduce_sum(sums if sums is not None else torch.zeros(2 * len(layers), dtype=torch.float64,
+    sums = all_reduce_sum(sums if sums is not None else torch.zeros(4 * len(layers), dtype=torch.float64,
                                                                     device=engine.device)).cpu()
-    overlap_L = paper._ratio(sums[:len(layers)], sums[len(layers):])
+    overlap_sum_L, overlap_tokens_L, norm_sum_L, norm_slots_L = sums.view(4, len(layers))
+    overlap_L, norm_L = paper._ratio(overlap_sum_L, overlap_tokens_L), paper._ratio(norm_sum_L, norm_slots_L)
     features, labels = _gather(sample, world)
     scalars: dict[str, float] = {}
     layer_ids = [layer.layer_id for layer in layers]
     silhouette_L = [float(paper.silhouette(features_NM=f, labels_N=e)) for f, e in zip(features, labels)]
-    for name, values in (("expert_overlap", [float(v) for v in overlap_L]), ("silhouette", silhouette_L)):
+    for name, values in (("expert_overlap", [float(v) for v in overlap_L]),
+                         ("expert_output_norm", [float(v) for v in norm_L]), ("silhouette", silhouette_L)):
         defined = [v for v in values if not math.isnan(v)]
         scalars.update({f"routing/{name}/layer_{lid}": v for lid, v in zip(layer_ids, values) if not math.isnan(v)})
         if defined:
@@ -106,13 +112,15 @@ def _capture(store: dict, index: int):
 
 
 def _overlap_sums(records, valid_T: torch.Tensor, sums: torch.Tensor | None) -> torch.Tensor:
-    """[overlap sum per layer, token count per layer] (float64) over labelled tokens with >= 2 kept experts."""
+    """[overlap sum, token count, output norm sum, kept slot count] per layer (float64, [4 * L]): overlap over
+    labelled tokens with >= 2 kept experts, norms over the kept slots of labelled tokens."""
     values = []
     for r in records:
         overlap_T, pair_T = paper.token_expert_overlap_T(outputs_TKM=r.expert_outputs_TKM, kept_TK=r.kept_TK)
         weight_T = (pair_T & valid_T).double()
-        values.append(torch.stack([(overlap_T.double() * weight_T).sum(), weight_T.sum()]))
-    stacked = torch.stack(values).t().reshape(-1)  # [sum_0 .. sum_L-1, count_0 .. count_L-1]
+        norm_sum, slots = output_norm_sums(outputs_TKM=r.expert_outputs_TKM, kept_TK=r.kept_TK, weight_T=valid_T)
+        values.append(torch.stack([(overlap_T.double() * weight_T).sum(), weight_T.sum(), norm_sum, slots]))
+    stacked = torch.stack(values).t().reshape(-1)  # [overlap sum_0 .. sum_L-1, count_0 .. count_L-1, ...]
     return stacked if sums is None else sums + stacked
 
 

@@ -27,6 +27,7 @@ from torch import Tensor
 from ds_moe_div.distributed import all_reduce_sum
 from ds_moe_div.metrics import paper
 from ds_moe_div.metrics import routing as rm
+from ds_moe_div.metrics.output_norm import output_norm_sums
 from ds_moe_div.routing import RoutingRecord
 
 DT = torch.float64
@@ -53,6 +54,10 @@ class RoutingStats:
     overlap_tokens_L: Tensor | None = None
     coselect_LEE: Tensor | None = None
     step_load_GLE: Tensor | None = None
+    # Sum of the selected experts' output norms ||y[t, k]|| and count of (token, kept slot) pairs, per
+    # layer (metrics/output_norm.py; zero counts where expert outputs were not collected).
+    output_norm_sum_L: Tensor | None = None
+    output_norm_slots_L: Tensor | None = None
 
     def paper_per_layer(self) -> dict[str, Tensor]:
         """The orthogonality paper's metrics per layer [L] (docs/METRICS.md): `max_violation_global` =
@@ -75,7 +80,9 @@ class RoutingStats:
         mi, mi_norm, mi_norm_min = rm.routing_mutual_information(select_DE=s)
         d_total, d_inter, d_intra = rm.window_divergence_decomposition(
             prob_sum_DE=self.prob_sum_LDE, tokens_D=t, unit_entropy_sum_D=self.unit_entropy_sum_LD)
-        return {**(self.paper_per_layer() if self.route_var_sum_L is not None else {}),
+        norm = {} if self.output_norm_sum_L is None else {
+            "expert_output_norm": paper._ratio(self.output_norm_sum_L, self.output_norm_slots_L)}
+        return {**(self.paper_per_layer() if self.route_var_sum_L is not None else {}), **norm,
             "mi": mi, "mi_normalized": mi_norm, "mi_normalized_min": mi_norm_min,
             "purity": rm.mean_expert_domain_purity(select_DE=s),
             "max_violation": rm.max_violation(select_DE=s, tokens_D=t, k=self.k),
@@ -149,7 +156,7 @@ class RoutingAccumulator:
         L, D, E = num_layers, num_domains, num_experts
         self._shapes = {"select_LDE": (L, D, E), "kept_LDE": (L, D, E), "prob_sum_LDE": (L, D, E),
                         "unit_entropy_sum_LD": (L, D), "tokens_D": (D,), "padding_tokens": (),
-                        "micro_batches": ()}
+                        "micro_batches": (), "output_norm_sum_L": (L,), "output_norm_slots_L": (L,)}
         if paper_metrics:  # in the same buffer: the same single all-reduce
             self._shapes.update({"route_var_sum_L": (L,), "overlap_sum_L": (L,), "overlap_tokens_L": (L,),
                                  "coselect_LEE": (L, E, E), "step_load_GLE": (window_steps, L, E)})
@@ -226,6 +233,11 @@ class RoutingAccumulator:
         pbar_UE = sums_UE / counts_U.clamp(min=1.0)[:, None]
         weighted_U = counts_U * torch.special.entr(pbar_UE).sum(-1)
         v["unit_entropy_sum_LD"][layer].add_(weighted_U.view(num_seqs, D).sum(0))
+        if r.expert_outputs_TKM is not None:
+            norm_sum, slots = output_norm_sums(outputs_TKM=r.expert_outputs_TKM.detach(), kept_TK=r.kept_TK,
+                                               weight_T=weight_T)
+            v["output_norm_sum_L"][layer].add_(norm_sum)
+            v["output_norm_slots_L"][layer].add_(slots)
         if self.paper_metrics:
             self._add_paper_counters(v, layer, r, weight_T)
 
@@ -247,7 +259,9 @@ class RoutingAccumulator:
         return RoutingStats(select_LDE=v["select_LDE"], kept_LDE=v["kept_LDE"], prob_sum_LDE=v["prob_sum_LDE"],
                             unit_entropy_sum_LD=v["unit_entropy_sum_LD"], tokens_D=v["tokens_D"],
                             padding_tokens=float(v["padding_tokens"]), micro_batches=float(v["micro_batches"]),
-                            layer_ids=tuple(layer_ids), k=self.k, **(self._paper_fields(v) if self.paper_metrics else {}))
+                            layer_ids=tuple(layer_ids), k=self.k, output_norm_sum_L=v["output_norm_sum_L"],
+                            output_norm_slots_L=v["output_norm_slots_L"],
+                            **(self._paper_fields(v) if self.paper_metrics else {}))
 
     def _paper_fields(self, v: dict[str, Tensor]) -> dict[str, Tensor]:
         return {"route_var_sum_L": v["route_var_sum_L"], "overlap_sum_L": v["overlap_sum_L"],

@@ -1,4 +1,6 @@
-"""Orthogonality loss L_o (methods spec, section 3; Guo et al. 2025).
+"""Orthogonality loss L_o (methods spec, section 3; Guo et al. 2025): the paper's pairwise form (Eq. 5),
+the released code's span form, and a scale-free cosine form (issue 16: the pairwise value grows with
+the outputs' norms, so it may act as a norm penalty; the cosine form is the control).
 """
 from __future__ import annotations
 
@@ -10,16 +12,27 @@ from torch import Tensor
 from ds_moe_div.tensor_ops import at_least_fp32, nonzero_or_one, num_valid
 
 
+def _alive_pairs_TKK(alive_TK: Tensor) -> Tensor:
+    """True for the ordered pairs (j, k), j != k, of surviving slots of each token."""
+    num_slots = alive_TK.shape[1]
+    off_diag = ~torch.eye(num_slots, dtype=torch.bool, device=alive_TK.device)
+    return alive_TK[:, :, None] & alive_TK[:, None, :] & off_diag
+
+
 def _pairwise_orthogonality_T(y_TKM: Tensor, alive_TK: Tensor, eps: float) -> Tensor:
     """Per token sum over ordered pairs j != k of || <y_j, y_k> / (<y_k, y_k> + eps) * y_k ||^2."""
     # Broadcast-multiply-sum, not bmm: a batch of T tiny K x K products is ~4x slower on CPU.
     gram_TKK = (y_TKM[:, :, None, :] * y_TKM[:, None, :, :]).sum(-1)
     sq_TK = gram_TKK.diagonal(dim1=1, dim2=2)
     term_TKK = (gram_TKK / (sq_TK[:, None, :] + eps)).square() * sq_TK[:, None, :]
-    num_slots = alive_TK.shape[1]
-    off_diag = ~torch.eye(num_slots, dtype=torch.bool, device=alive_TK.device)
-    pair_TKK = alive_TK[:, :, None] & alive_TK[:, None, :] & off_diag
-    return torch.where(pair_TKK, term_TKK, torch.zeros_like(term_TKK)).sum((1, 2))
+    return torch.where(_alive_pairs_TKK(alive_TK), term_TKK, torch.zeros_like(term_TKK)).sum((1, 2))
+
+
+def _cosine_orthogonality_T(y_TKM: Tensor, alive_TK: Tensor, eps: float) -> Tensor:
+    """Per token sum over ordered pairs j != k of <u_j, u_k>^2, u = y / max(|y|, eps)."""
+    unit_TKM = y_TKM / y_TKM.norm(dim=-1, keepdim=True).clamp_min(eps)
+    cos_TKK = (unit_TKM[:, :, None, :] * unit_TKM[:, None, :, :]).sum(-1)
+    return torch.where(_alive_pairs_TKK(alive_TK), cos_TKK.square(), torch.zeros_like(cos_TKK)).sum((1, 2))
 
 
 def _orthonormal_basis(vectors: list[Tensor], eps: float) -> list[Tensor]:
@@ -49,7 +62,7 @@ def _span_orthogonality_T(y_TKM: Tensor, eps: float) -> Tensor:
 
 
 def orthogonality_loss(*, outputs_TKM: Tensor, kept_TK: Tensor, mask_T: Tensor | None = None,
-                       form: Literal["pairwise", "span"] = "pairwise", eps: float = 1e-6,
+                       form: Literal["pairwise", "span", "cosine"] = "pairwise", eps: float = 1e-6,
                        reduction: Literal["mean", "sum"] = "mean") -> Tensor:
     """Orthogonality loss L_o of one layer on the micro-batch (Guo et al. 2025; spec section 3).
 
@@ -62,6 +75,11 @@ def orthogonality_loss(*, outputs_TKM: Tensor, kept_TK: Tensor, mask_T: Tensor |
       span:             sum_t sum_{j in K_t} || proj of y_j onto span{y_k : k in K_t, k != j} ||^2;
                         mean divides by K*T. eps is the relative residual below which an "other"
                         output adds no direction (collinear or zero outputs are stable).
+      cosine:           sum_t sum_{j in K_t} sum_{k in K_t, k != j} <u_j, u_k>^2,  u = y / max(|y|, eps)
+                        = sum of cos^2(y_j, y_k) (outputs of norm >= eps): the pairwise form on
+                        unit-normalised outputs (its eps -> 0 limit), so invariant to rescaling any
+                        expert's output (a scale-free control: it cannot act as a norm penalty);
+                        in [0, K(K-1)] per token; mean divides by T. A zero output contributes 0.
     Only tokens with >= 2 surviving slots contribute. For K = 2 both sums agree (eps -> 0), so the
     pairwise mean is K = 2 times the span mean.
     """
@@ -74,8 +92,10 @@ def orthogonality_loss(*, outputs_TKM: Tensor, kept_TK: Tensor, mask_T: Tensor |
         total, per_token_slots = _pairwise_orthogonality_T(y_TKM, alive_TK, eps).sum(), 1
     elif form == "span":
         total, per_token_slots = _span_orthogonality_T(y_TKM, eps).sum(), y_TKM.shape[1]
+    elif form == "cosine":
+        total, per_token_slots = _cosine_orthogonality_T(y_TKM, alive_TK, eps).sum(), 1
     else:
-        raise ValueError(f"form must be 'pairwise' or 'span', got {form!r}")
+        raise ValueError(f"form must be 'pairwise', 'span' or 'cosine', got {form!r}")
     if reduction == "sum":
         return total
     return total / (per_token_slots * nonzero_or_one(num_valid(y_TKM[:, 0, 0], mask_T)))

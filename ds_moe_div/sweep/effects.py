@@ -33,7 +33,7 @@ from ds_moe_div.evaluation.report import table
 
 ALPHA, POWER, CONFIDENCE = 0.05, 0.8, 0.95
 SECONDARY = ("lm_loss", "tasks/cloze/acc", "final/val_lm_loss", "routing/mi/mean", "routing/max_violation/mean",
-             "routing/dropped_fraction/mean")
+             "routing/dropped_fraction/mean", "routing/expert_output_norm/mean")
 _NOT_HELD_OUT = ("data.streaming", "data.num_proc", "data.cache_dir")
 
 
