@@ -267,3 +267,25 @@ def test_non_finite_training_stops_and_never_saves_non_finite_weights(tmp_path):
         for key, tensor in _checkpoint_tensors(rundir.checkpoint_root(run_dir) / tag).items():
             if tensor.is_floating_point():
                 assert torch.isfinite(tensor).all(), (tag, key)
+
+
+def _resume_error(rank, world_size, run_dir):
+    from ds_moe_div.checkpoint import CheckpointError
+    from ds_moe_div.config import load_experiment
+    from ds_moe_div.session import build
+
+    cfg = load_experiment(SMOKE, [f"train.run_dir={run_dir}", "train.show_progress=false", "train.resume=true"])
+    try:
+        build(cfg, json.loads(DS_ZERO2.read_text()))
+    except CheckpointError as e:
+        return str(e)
+    return "loaded"
+
+
+def test_resuming_a_2_rank_run_on_1_rank_is_refused_before_deepspeed_loads(reference, tmp_path):
+    import shutil
+
+    shutil.copytree(reference, tmp_path / "run", ignore=shutil.ignore_patterns("run.lock"))
+    message = run_on_ranks(_resume_error, world_size=1, args=(str(tmp_path / "run"),), timeout=300)[0]
+    assert "saved by 2 rank(s) with model.moe.ep_size=1, but this run has 1 rank(s) with ep_size=1" in message
+    assert "Resume with 2 rank(s)" in message and "train.init_from=" in message
