@@ -142,16 +142,28 @@ def _crash_points(rank, world_size, tmp):
 
     usage = namedtuple("usage", "total used free")
     real_save, real_usage = torch.save, checkpoint.shutil.disk_usage
+    calls = []
 
     def disk_full(*args, **kwargs):
+        calls.append(1)
         raise RuntimeError("[enforce fail at inline_container.cc:595] . unexpected pos 4544 vs 4434; "
                            "basic_ios::clear: iostream error")
 
-    torch.save, checkpoint.shutil.disk_usage = disk_full, (lambda path: usage(10**12, 10**12, 0))
+    # (1) the disk fills up during the save: torch's serializer fails without saying why, and then
+    # (second look at the disk) there is no space left
+    free = iter([10**11])
+    torch.save, checkpoint.shutil.disk_usage = disk_full, (lambda path: usage(10**12, 10**12, next(free, 0)))
     try:
         state.save()
     except checkpoint.DiskFullError as e:
-        out["disk_full"] = (str(e), e.exit_code)
+        out["disk_full"] = (str(e), e.exit_code, len(calls))
+    # (2) the disk is already too full for another checkpoint of the last one's size: refused up front
+    calls.clear()
+    checkpoint.shutil.disk_usage = lambda path: usage(10**12, 10**12, 1000)
+    try:
+        state.save()
+    except checkpoint.DiskFullError as e:
+        out["disk_full_before"] = (str(e), e.exit_code, len(calls))
     finally:
         torch.save, checkpoint.shutil.disk_usage = real_save, real_usage
     out["after_disk_full"] = (rundir.latest_tag(root), (root / "global_step6").exists(),
@@ -184,9 +196,12 @@ def test_kills_during_a_save_and_a_full_disk_keep_a_resumable_run(tmp_path):
     assert f"in use by another run (pid {out['pid']} on host" in out["second_lock"]
     # killed while global_step6 was being written: latest stays, the partial tag is ignored
     assert out["killed_while_writing"] == ("global_step3", "global_step3", False, True)
-    message, code = out["disk_full"]
-    assert code == 4 and message.startswith(f"no space left on {tmp_path / 'r' / 'checkpoints'} while saving "
-                                            f"global_step6; the last complete checkpoint is global_step3")
+    expected = (f"no space left on {tmp_path / 'r' / 'checkpoints'} while saving global_step6; the last complete "
+                f"checkpoint is global_step3")
+    message, code, writes = out["disk_full"]
+    assert code == 4 and message.startswith(expected) and writes >= 1, message
+    message, code, writes = out["disk_full_before"]
+    assert code == 4 and message.startswith(expected) and "MiB free" in message and writes == 0, message
     assert out["after_disk_full"] == ("global_step3", False, True)
     # killed right after latest moved: the tag was complete before, so the run resumes from it
     assert out["killed_after_latest"] == ("global_step6", "global_step6")

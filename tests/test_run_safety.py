@@ -169,3 +169,19 @@ def test_fault_hook_syntax():
     for bad in ("step5", "jump@3", "step@3:rank", "save@x"):
         with pytest.raises(ValueError, match="DS_MOE_DIV_FAULT"):
             faults.parse(bad)
+
+
+def test_skipped_steps_count_as_non_finite_except_under_fp16_loss_scaling():
+    from types import SimpleNamespace
+
+    from ds_moe_div.guard import step_applied
+
+    def engine(applied, fp16):
+        return SimpleNamespace(was_step_applied=lambda: applied, fp16_enabled=lambda: fp16)
+
+    assert step_applied(engine(True, False)) and not step_applied(engine(False, False))
+    assert step_applied(engine(False, True))  # dynamic loss scaling skips steps by design
+    guard = RunGuard(max_nonfinite_steps=2)
+    guard.after_step(torch.tensor(1.0), step=1, applied=False)
+    with pytest.raises(NonFiniteLossError, match="gradients were non-finite"):
+        guard.after_step(torch.tensor(1.0), step=2, applied=False)
