@@ -164,8 +164,9 @@ def test_stop_signals_are_recorded_and_restored():
 
 
 def test_fault_hook_syntax():
-    assert faults.parse("step@5:rank1,save@6:int, latest@9:int-group") == [
-        ("step", 5, 1, "kill"), ("save", 6, None, "int"), ("latest", 9, None, "int-group")]
+    assert faults.parse("step@5:rank1,save@6:int, latest@9:int-group,step@2:kill-group") == [
+        ("step", 5, 1, "kill"), ("save", 6, None, "int"), ("latest", 9, None, "int-group"),
+        ("step", 2, None, "kill-group")]
     for bad in ("step5", "jump@3", "step@3:rank", "save@x"):
         with pytest.raises(ValueError, match="DS_MOE_DIV_FAULT"):
             faults.parse(bad)
