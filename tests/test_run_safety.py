@@ -186,3 +186,15 @@ def test_skipped_steps_count_as_non_finite_except_under_fp16_loss_scaling():
     guard.after_step(torch.tensor(1.0), step=1, applied=False)
     with pytest.raises(NonFiniteLossError, match="gradients were non-finite"):
         guard.after_step(torch.tensor(1.0), step=2, applied=False)
+
+
+def test_resume_from_flag_sets_the_config():
+    from pathlib import Path
+
+    from ds_moe_div.train import load_configs, parse_args
+
+    ds = str(Path(__file__).resolve().parents[1] / "ds_configs" / "ds_zero2_cpu.json")
+    cfg, _ = load_configs(parse_args(["--deepspeed_config", ds, "--resume-from", "global_step3"]))
+    assert cfg.train.resume_from == "global_step3" and cfg.train.resuming and not cfg.train.resume
+    cfg, _ = load_configs(parse_args(["--deepspeed_config", ds, "--resume"]))
+    assert cfg.train.resuming and cfg.train.resume_from is None
