@@ -29,4 +29,7 @@ export PATH="$PWD/.venv-gpu/bin:$PATH"
   || "$VPY" -m pip install "${PIP_OPTS[@]}" deepspeed==0.19.8
 "$VPY" -m pip show -q ds_moe_div >/dev/null 2>&1 || "$VPY" -m pip install "${PIP_OPTS[@]}" -e .
 "$VPY" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'GPUs', torch.cuda.device_count())"
+# ds_zero2_gpu_bf16.json uses DeepSpeed's FusedAdam, JIT-compiled with nvcc on first use.
+command -v nvcc >/dev/null 2>&1 || [ -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ] \
+  || echo "gpu_check: warning: nvcc not found (set CUDA_HOME): DeepSpeed cannot JIT-compile FusedAdam, so the e2e stage will fail" >&2
 exec "$VPY" scripts/gpu_check.py "$@"
