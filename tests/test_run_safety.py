@@ -198,3 +198,21 @@ def test_resume_from_flag_sets_the_config():
     assert cfg.train.resume_from == "global_step3" and cfg.train.resuming and not cfg.train.resume
     cfg, _ = load_configs(parse_args(["--deepspeed_config", ds, "--resume"]))
     assert cfg.train.resuming and cfg.train.resume_from is None
+
+
+def test_another_ep_size_alone_is_refused_and_deepspeeds_zero_exception_is_reported(tmp_path):
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.zero.utils import ZeRORuntimeException
+
+    tag_dir = make_tag(tmp_path, 4, shape={"world_size": 2, "ep_size": 2}, latest=True)
+    with pytest.raises(CheckpointError, match=r"saved by 2 rank\(s\) with model.moe.ep_size=2, but this run has 2 "
+                                              r"rank\(s\) with ep_size=1"):
+        check_shape(tag_dir, {"world_size": 2, "ep_size": 1})
+
+    def load_checkpoint(*args, **kwargs):
+        raise ZeRORuntimeException("The checkpoint being loaded used a DP world size of 2 but ...")
+
+    engine = SimpleNamespace(load_checkpoint=load_checkpoint)
+    with pytest.raises(CheckpointError, match="cannot load checkpoint .* ZeRORuntimeException"):
+        checkpoint.load(engine, tmp_path, arch={}, rank=0, module_only=True)
