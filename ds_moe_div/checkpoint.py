@@ -48,11 +48,12 @@ ARCH_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "tie_embedd
 def check_run_dir(run_dir, *, resume: bool) -> None:
     """Refuse to start a fresh run over existing checkpoints, or to resume from none."""
     root = checkpoint_root(run_dir)
-    tags = rundir.checkpoint_tags(root)
-    if tags and not resume:
-        raise CheckpointError(f"{run_dir} already holds checkpoints ({', '.join(tags)}); pass --resume to continue "
-                              f"it, or choose another train.run_dir. Nothing was changed.")
-    if resume and not rundir.complete_tags(root):
+    complete = rundir.complete_tags(root)
+    if complete and not resume:
+        raise CheckpointError(f"{run_dir} already holds checkpoints (newest complete: {complete[-1]}); pass --resume "
+                              f"to continue it, or choose another train.run_dir. Nothing was changed.")
+    if resume and not complete:
+        tags = rundir.checkpoint_tags(root)
         raise CheckpointError(f"--resume was given but {root} holds no checkpoint"
                               f"{' that was written completely (incomplete: ' + ', '.join(tags) + ')' if tags else ''}"
                               f"; drop --resume to start a new run")

@@ -61,13 +61,17 @@ def test_a_tag_from_before_markers_counts_when_latest_names_it(tmp_path):
     assert rundir.resume_tag(tmp_path) == ("global_step5", None)
 
 
-def test_run_dir_check_sees_incomplete_tags(tmp_path):
+def test_run_dir_check_counts_complete_tags_only(tmp_path):
+    """A run killed while writing its first checkpoint cannot be resumed; it may start afresh."""
     make_tag(tmp_path, 3, complete=False)
-    with pytest.raises(CheckpointError, match="already holds checkpoints .global_step3.; pass --resume"):
-        check_run_dir(tmp_path, resume=False)
     with pytest.raises(CheckpointError, match="holds no checkpoint that was written completely .incomplete: "
                                               "global_step3."):
         check_run_dir(tmp_path, resume=True)
+    check_run_dir(tmp_path, resume=False)
+    make_tag(tmp_path, 2)
+    with pytest.raises(CheckpointError, match="already holds checkpoints .newest complete: global_step2.; pass "
+                                              "--resume"):
+        check_run_dir(tmp_path, resume=False)
 
 
 def test_second_lock_is_refused_naming_the_holder_and_released_on_exit(tmp_path):
