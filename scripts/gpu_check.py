@@ -100,7 +100,10 @@ def _random_batches(batch: int, seq: int, vocab: int, domains: int = 3):
         yield {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "domain_ids": dom.contiguous()}
 
 
-def throughput_worker(out: Path, steps: int = 10, warmup: int = 3) -> None:
+def throughput_worker(out: Path, *, configs: dict = CONFIGS, ds_path: Path = DS_GPU, steps: int = 10,
+                      warmup: int = 3) -> None:
+    """Time `steps` optimizer steps (after `warmup`) of each config on this rank's device (CUDA; the CPU
+    works too, for tests: no memory figures, no MFU) and write the table to `out`."""
     import deepspeed
     import torch
 
@@ -116,27 +119,34 @@ def throughput_worker(out: Path, steps: int = 10, warmup: int = 3) -> None:
     from ds_moe_div.train import train_step
 
     info = init_distributed()
-    device = torch.device("cuda", info.local_rank)
-    name = torch.cuda.get_device_name(device)
+    on_gpu = torch.cuda.is_available()
+    device = torch.device("cuda", info.local_rank) if on_gpu else torch.device("cpu")
+    name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
     peak = peak_tflops(name)
+
+    def sync():
+        if on_gpu:
+            torch.cuda.synchronize(device)
+
     objectives = load_experiment(SMOKE).objectives  # every objective on, as in the smoke run
     results = {"device": name, "peak_bf16_tflops": peak, "configs": {}}
-    for label, spec in CONFIGS.items():
+    for label, spec in configs.items():
         cfg = ModelConfig(**spec["model"])
         seed_everything(0)
         model = MoELanguageModel(cfg, vocab_size=spec["vocab"], seq_len=spec["seq"], seed=0)
-        ds = engine_config(load_ds_config(DS_GPU), spec["batch"], 1, info.world_size, steps=10**6)
-        torch.cuda.reset_peak_memory_stats(device)
+        ds = engine_config(load_ds_config(ds_path), spec["batch"], 1, info.world_size, steps=10**6)
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats(device)
         engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds)
         composer, window = ObjectiveComposer(objectives, num_domains=3), LogWindow()
         stream = _random_batches(spec["batch"], spec["seq"], spec["vocab"])
         for _ in range(warmup):
             train_step(engine, stream, composer, window, step=0)
-        torch.cuda.synchronize(device)
+        sync()
         start = time.perf_counter()
         for _ in range(steps):
             train_step(engine, stream, composer, window, step=0)
-        torch.cuda.synchronize(device)
+        sync()
         seconds = (time.perf_counter() - start) / steps
         tokens = spec["batch"] * spec["seq"]
         flops = model_flops_per_token(model, cfg, spec["seq"]) * tokens / seconds
@@ -145,10 +155,11 @@ def throughput_worker(out: Path, steps: int = 10, warmup: int = 3) -> None:
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "step_ms": seconds * 1e3,
             "tokens_per_s": tokens / seconds, "model_tflops": flops / 1e12,
             "mfu": None if peak is None else flops / (peak * 1e12),
-            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if on_gpu else None}
         engine.destroy()
         del engine, model
-        torch.cuda.empty_cache()
+        if on_gpu:
+            torch.cuda.empty_cache()
     fileio.write_json(out, results)
 
 
@@ -196,8 +207,9 @@ def summarize(stages: dict, work: Path) -> tuple[dict, list[str], bool]:
                   "|---|---|---|---|---|---|---|---|"]
         for label, r in throughput["configs"].items():
             mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}"
+            memory = "n/a" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.2f}"
             lines.append(f"| {label} | {r['params_m']:.1f} | {r['batch']} x {r['seq']} | {r['step_ms']:.1f} | "
-                         f"{r['tokens_per_s']:,.0f} | {r['model_tflops']:.1f} | {mfu} | {r['peak_memory_gib']:.2f} |")
+                         f"{r['tokens_per_s']:,.0f} | {r['model_tflops']:.1f} | {mfu} | {memory} |")
     lines += ["", f"overall: {'PASS' if ok else 'FAIL'}"]
     return {"stages": stages, "parity": parity, "throughput": throughput, "ok": ok}, lines, ok
 

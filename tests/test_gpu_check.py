@@ -80,3 +80,28 @@ def test_summary_tables_throughput_and_fails_on_a_parity_error(tmp_path, bf16_er
     assert "| default | 10.0 | 16 x 256 | 20.0 | 204,800 | 98.9 | 10.0% | 1.50 |" in text
     assert ok == (bf16_error < tol["bf16"]) and text.endswith("PASS" if ok else "FAIL")
     assert result["stages"]["e2e"]["latest_complete"] == "global_step30"
+
+
+def _stages_on_cpu(rank, world_size, tmp):
+    gpu_check = _module()
+    tiny = {"tiny": {"model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64}, "batch": 2, "seq": 16,
+                     "vocab": 512}}
+    gpu_check.throughput_worker(Path(tmp) / "throughput.json", configs=tiny,
+                                ds_path=ROOT / "ds_configs" / "ds_zero2_cpu.json", steps=1, warmup=1)
+    gpu_check.parity_worker(Path(tmp) / "parity.json")
+    return {name: json.loads((Path(tmp) / f"{name}.json").read_text()) for name in ("throughput", "parity")}
+
+
+@pytest.mark.slow
+def test_throughput_and_parity_stages_run_on_cpu(tmp_path):
+    """The GPU stages' code (model, engine, every objective, timing, FLOPs; ZeRO-2 fp32/bf16 parity) on one
+    CPU rank."""
+    from tests.dist_utils import run_on_ranks
+
+    result = run_on_ranks(_stages_on_cpu, world_size=1, args=(str(tmp_path),), timeout=300)[0]
+    throughput, parity = result["throughput"], result["parity"]
+    row = throughput["configs"]["tiny"]
+    assert throughput["device"] == "cpu" and throughput["peak_bf16_tflops"] is None
+    assert row["tokens_per_s"] > 0 and row["model_tflops"] > 0 and row["mfu"] is None and row["params_m"] > 0
+    assert parity["world_size"] == 1 and parity["fp32"]["ok"] and parity["bf16"]["ok"]
+    assert parity["lost_use_error_min"] > 4 * parity["bf16"]["tolerance"]
