@@ -48,11 +48,12 @@ ARCH_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "tie_embedd
 def check_run_dir(run_dir, *, resume: bool) -> None:
     """Refuse to start a fresh run over existing checkpoints, or to resume from none."""
     root = checkpoint_root(run_dir)
-    tags = rundir.checkpoint_tags(root)
-    if tags and not resume:
-        raise CheckpointError(f"{run_dir} already holds checkpoints ({', '.join(tags)}); pass --resume to continue "
-                              f"it, or choose another train.run_dir. Nothing was changed.")
-    if resume and not rundir.complete_tags(root):
+    complete = rundir.complete_tags(root)
+    if complete and not resume:
+        raise CheckpointError(f"{run_dir} already holds checkpoints (newest complete: {complete[-1]}); pass --resume "
+                              f"to continue it, or choose another train.run_dir. Nothing was changed.")
+    if resume and not complete:
+        tags = rundir.checkpoint_tags(root)
         raise CheckpointError(f"--resume was given but {root} holds no checkpoint"
                               f"{' that was written completely (incomplete: ' + ', '.join(tags) + ')' if tags else ''}"
                               f"; drop --resume to start a new run")
@@ -101,6 +102,13 @@ def save(engine, run_dir, *, step: int, client: dict, run_config: dict, arch: di
     tag = f"global_step{step}"
     tag_dir = root / tag
     previous = rundir.resume_tag(run_dir)[0] if rundir.complete_tags(root) else None
+    # Refused before a byte is written when the last checkpoint would not fit again: every rank stops
+    # together here, where a failure inside DeepSpeed's save could leave the other ranks waiting.
+    (short,) = any_rank([rank == 0 and previous is not None and not _fits(root, root / previous)])
+    if short:
+        raise DiskFullError(f"no space left on {root} while saving {tag}; the last complete checkpoint is {previous} "
+                            f"(kept; {_free_text(root)} free, it took {_size(root / previous) / 2**20:.1f} MiB). Free "
+                            f"space and continue with --resume")
     error = None
     if rank == 0:  # an older tag of this step (a resume from an earlier tag) is incomplete from now on
         rundir.complete_marker(tag_dir).unlink(missing_ok=True)
@@ -150,6 +158,25 @@ def _write_trainer_files(tag_dir: Path, *, step: int, run_config: dict, arch: di
 DISK_FULL_TEXT = ("No space left", "iostream error", "basic_ios::clear", "PytorchStreamWriter failed",
                   "unexpected pos", "file write failed")
 LOW_SPACE_BYTES = 256 * 2**20
+
+
+def _size(tag_dir: Path) -> int:
+    return sum(p.stat().st_size for p in Path(tag_dir).rglob("*") if p.is_file())
+
+
+def _fits(root: Path, previous: Path) -> bool:
+    """Room for another checkpoint the size of `previous` (plus 5%)."""
+    try:
+        return shutil.disk_usage(root).free >= 1.05 * _size(previous)
+    except OSError:
+        return True  # cannot tell: try, and catch a failure
+
+
+def _free_text(root: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(root).free / 2**20:.0f} MiB"
+    except OSError:
+        return "unknown"
 
 
 def _is_disk_full(error: BaseException, root: Path) -> bool:

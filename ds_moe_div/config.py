@@ -174,7 +174,8 @@ class TrainConfig:
     resume: bool = False  # continue from the latest checkpoint in run_dir
     # Resume from this tag of run_dir's checkpoints (implies resume); None: the newest complete one.
     resume_from: str | None = None
-    # Stop (non-zero exit) after this many consecutive optimizer steps with a non-finite loss.
+    # Stop (exit code 3) after this many consecutive optimizer steps with a non-finite loss (or skipped by
+    # DeepSpeed for non-finite gradients); such steps are never saved.
     max_nonfinite_steps: int = 5
     init_from: str | None = None  # start a new run from these checkpoint weights
     show_progress: bool = True

@@ -4,8 +4,9 @@
 
 point: `step` (optimizer step <step> done, before logging and saving), `save` (while saving the tag of
 <step>: DeepSpeed's files written, the trainer's not yet, `latest` not moved), `latest` (right after
-`latest` moved to <step>'s tag). action: `kill` (SIGKILL this rank, the default), `int` (SIGINT to this
-rank), `int-group` (SIGINT to this rank's whole process group, as Ctrl-C in a terminal does).
+`latest` moved to <step>'s tag). action: `kill` (SIGKILL this rank, the default), `kill-group` (SIGKILL
+this rank's whole process group: launcher and every rank, as when a node dies), `int` (SIGINT to this
+rank), `int-group` (SIGINT to the process group, as Ctrl-C in a terminal does).
 Without the variable (every real run) `inject` does nothing.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ import signal
 
 ENV = "DS_MOE_DIV_FAULT"
 POINTS = ("step", "save", "latest")
-ACTIONS = {"kill": signal.SIGKILL, "int": signal.SIGINT, "int-group": signal.SIGINT}
+ACTIONS = {"kill": signal.SIGKILL, "kill-group": signal.SIGKILL, "int": signal.SIGINT, "int-group": signal.SIGINT}
 
 
 def parse(spec: str) -> list[tuple[str, int, int | None, str]]:
@@ -44,7 +45,7 @@ def inject(point: str, *, step: int, rank: int) -> None:
         return
     for where, at, only_rank, action in parse(spec):
         if where == point and at == step and only_rank in (None, rank):
-            if action == "int-group":
+            if action.endswith("-group"):
                 os.killpg(os.getpgid(0), ACTIONS[action])
             else:
                 os.kill(os.getpid(), ACTIONS[action])

@@ -40,3 +40,10 @@ class RunGuard:
         non-finite parameter (one all-reduce, only at checkpoint steps)."""
         (bad,) = any_rank([parameters_nonfinite(module)])
         return self.counter.last_finite and not bad
+
+
+def step_applied(engine) -> bool:
+    """Whether the optimizer applied the last step, for `RunGuard.after_step`. DeepSpeed skips a step whose
+    gradients are non-finite; with fp16's dynamic loss scaling such skips are part of finding the scale,
+    so they do not count there (a NaN loss still does)."""
+    return engine.was_step_applied() or engine.fp16_enabled()

@@ -62,8 +62,8 @@ class LogWindow:
         """Window means over all `world_size` ranks (one all-reduce for losses, one for routing counts),
         with the optimizer's current `lr` and last `grad_norm` (None: not logged)."""
         keys = sorted(self.sums)
-        stacked = torch.stack([self.sums[k] for k in keys]).cpu()
-        all_reduce_sum(stacked)
+        # reduced where the values live (NCCL reduces no CPU tensor), then read once
+        stacked = all_reduce_sum(torch.stack([self.sums[k] for k in keys])).cpu()
         world = world_size
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         scalars = {k: float(v) / (self.micro_steps * world) for k, v in zip(keys, stacked)}

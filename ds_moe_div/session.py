@@ -150,7 +150,6 @@ def _build(cfg: ExperimentConfig, ds: dict, info: RankInfo, micro: int, gas: int
                        balancer=_balancer(cfg, model) if loss_free else None,
                        guard=RunGuard(max_nonfinite_steps=cfg.train.max_nonfinite_steps))
     _restore(state)
-    state.guard.last_saved = f"global_step{state.step}" if cfg.train.resuming else None
     # Only now, with every check and the checkpoint load behind us, does the run write anything. After a
     # resume, TensorBoard drops the events a killed run wrote past the checkpoint: one curve.
     state.monitor = Monitor(rundir.tensorboard_dir(run_dir), enabled=info.is_main, ds_monitor=engine.monitor,
@@ -208,6 +207,7 @@ def _restore(state: TrainState) -> None:
             print(f"ds_moe_div: resuming from {tag}" + (f" ({note})" if note else ""), flush=True)
         client = checkpoint.load(state.engine, train.run_dir, arch=state.arch, rank=state.info.rank, module_only=False,
                                  tag=tag, shape=state.shape)
+        state.guard.last_saved = tag
         state.step = client["step"]
         state.loader.load_state_dict(client["loader"])
         state.composer.load_state_dict(client["composer"])

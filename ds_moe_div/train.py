@@ -24,6 +24,7 @@ from ds_moe_div.composer import ObjectiveComposer
 from ds_moe_div.config import ExperimentConfig, load_experiment
 from ds_moe_div.config_loader import ConfigError
 from ds_moe_div.ds_config import DeepSpeedConfigError, load_ds_config
+from ds_moe_div.guard import step_applied
 from ds_moe_div.interrupt import Interrupted
 from ds_moe_div.log_window import LogWindow
 from ds_moe_div.metrics.tensorboard import log_routing_pictures
@@ -122,12 +123,12 @@ def run(state: TrainState) -> dict[str, float]:
                               balancer=state.balancer)
             state.step += 1
             faults.inject("step", step=state.step, rank=state.info.rank)
-            stop = guard.after_step(loss, step=state.step, applied=state.engine.was_step_applied())
+            stop = guard.after_step(loss, step=state.step, applied=step_applied(state.engine))
             last.update(maybe_log(state, bar))
             last.update(maybe_eval(state))
             saved = maybe_save(state, stop=stop)
             bar.update(1)
-            if stop:
+            if stop and state.step < train.steps:  # on the last step the run is simply done
                 raise Interrupted(guard.stop_signal, state.step, saved.name if saved else None)
     return last
 

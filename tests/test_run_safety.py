@@ -61,13 +61,17 @@ def test_a_tag_from_before_markers_counts_when_latest_names_it(tmp_path):
     assert rundir.resume_tag(tmp_path) == ("global_step5", None)
 
 
-def test_run_dir_check_sees_incomplete_tags(tmp_path):
+def test_run_dir_check_counts_complete_tags_only(tmp_path):
+    """A run killed while writing its first checkpoint cannot be resumed; it may start afresh."""
     make_tag(tmp_path, 3, complete=False)
-    with pytest.raises(CheckpointError, match="already holds checkpoints .global_step3.; pass --resume"):
-        check_run_dir(tmp_path, resume=False)
     with pytest.raises(CheckpointError, match="holds no checkpoint that was written completely .incomplete: "
                                               "global_step3."):
         check_run_dir(tmp_path, resume=True)
+    check_run_dir(tmp_path, resume=False)
+    make_tag(tmp_path, 2)
+    with pytest.raises(CheckpointError, match="already holds checkpoints .newest complete: global_step2.; pass "
+                                              "--resume"):
+        check_run_dir(tmp_path, resume=False)
 
 
 def test_second_lock_is_refused_naming_the_holder_and_released_on_exit(tmp_path):
@@ -164,8 +168,55 @@ def test_stop_signals_are_recorded_and_restored():
 
 
 def test_fault_hook_syntax():
-    assert faults.parse("step@5:rank1,save@6:int, latest@9:int-group") == [
-        ("step", 5, 1, "kill"), ("save", 6, None, "int"), ("latest", 9, None, "int-group")]
+    assert faults.parse("step@5:rank1,save@6:int, latest@9:int-group,step@2:kill-group") == [
+        ("step", 5, 1, "kill"), ("save", 6, None, "int"), ("latest", 9, None, "int-group"),
+        ("step", 2, None, "kill-group")]
     for bad in ("step5", "jump@3", "step@3:rank", "save@x"):
         with pytest.raises(ValueError, match="DS_MOE_DIV_FAULT"):
             faults.parse(bad)
+
+
+def test_skipped_steps_count_as_non_finite_except_under_fp16_loss_scaling():
+    from types import SimpleNamespace
+
+    from ds_moe_div.guard import step_applied
+
+    def engine(applied, fp16):
+        return SimpleNamespace(was_step_applied=lambda: applied, fp16_enabled=lambda: fp16)
+
+    assert step_applied(engine(True, False)) and not step_applied(engine(False, False))
+    assert step_applied(engine(False, True))  # dynamic loss scaling skips steps by design
+    guard = RunGuard(max_nonfinite_steps=2)
+    guard.after_step(torch.tensor(1.0), step=1, applied=False)
+    with pytest.raises(NonFiniteLossError, match="gradients were non-finite"):
+        guard.after_step(torch.tensor(1.0), step=2, applied=False)
+
+
+def test_resume_from_flag_sets_the_config():
+    from pathlib import Path
+
+    from ds_moe_div.train import load_configs, parse_args
+
+    ds = str(Path(__file__).resolve().parents[1] / "ds_configs" / "ds_zero2_cpu.json")
+    cfg, _ = load_configs(parse_args(["--deepspeed_config", ds, "--resume-from", "global_step3"]))
+    assert cfg.train.resume_from == "global_step3" and cfg.train.resuming and not cfg.train.resume
+    cfg, _ = load_configs(parse_args(["--deepspeed_config", ds, "--resume"]))
+    assert cfg.train.resuming and cfg.train.resume_from is None
+
+
+def test_another_ep_size_alone_is_refused_and_deepspeeds_zero_exception_is_reported(tmp_path):
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.zero.utils import ZeRORuntimeException
+
+    tag_dir = make_tag(tmp_path, 4, shape={"world_size": 2, "ep_size": 2}, latest=True)
+    with pytest.raises(CheckpointError, match=r"saved by 2 rank\(s\) with model.moe.ep_size=2, but this run has 2 "
+                                              r"rank\(s\) with ep_size=1"):
+        check_shape(tag_dir, {"world_size": 2, "ep_size": 1})
+
+    def load_checkpoint(*args, **kwargs):
+        raise ZeRORuntimeException("The checkpoint being loaded used a DP world size of 2 but ...")
+
+    engine = SimpleNamespace(load_checkpoint=load_checkpoint)
+    with pytest.raises(CheckpointError, match="cannot load checkpoint .* ZeRORuntimeException"):
+        checkpoint.load(engine, tmp_path, arch={}, rank=0, module_only=True)
