@@ -11,6 +11,7 @@ family's shared experts, dropless, all-to-all with split sizes under EP. What th
     with routing_capture(model, collect_expert_outputs=True) as records:
         model(input_ids)                              # records: one RoutingRecord per MoE layer, in depth order
     counts_LE = take_tokens_per_expert(model)         # AutoEP never resets its counter: read and zero per step
+                                                      # (counted inside routing_capture only)
     biases = enable_expert_bias(model)                # Loss-Free Balancing: selection-only bias, one [E] per layer
     hf_sd = to_hf_state_dict(model.state_dict(), family)   # our names <-> transformers' in-memory names
 
@@ -68,8 +69,10 @@ class RoutingAutoEPLayer(AutoEPMoELayer):
             ro = RouterOutput(*self.router(x_TH, self.expert_bias))
         finally:
             hook.remove()
-        with torch.no_grad():
-            self.tokens_per_expert.add_(ro.num_tokens_per_expert)
+        sink = self._routing_sink
+        if sink is not None:  # only captured forwards count: a recomputation in backward must not add twice
+            with torch.no_grad():
+                self.tokens_per_expert.add_(ro.num_tokens_per_expert)
         order = torch.argsort(ro.selected_experts.view(-1), stable=True)
         routed = x_TH[order // self.top_k]
         if self.ep_size == 1:
@@ -89,9 +92,11 @@ class RoutingAutoEPLayer(AutoEPMoELayer):
         unweighted_TKH = unweighted.view(T, K, hdim)
         # combine_from_routed's weighted sum, operation for operation (bitwise the same output).
         output = (unweighted_TKH * ro.top_scores.reshape(T, K, 1).float()).sum(dim=1).to(out.dtype)
-        sink = self._routing_sink
+        # Built on every forward, so that a recomputation under activation checkpointing saves the same
+        # tensors as the original forward; only a captured forward hands it on.
+        record = self._record(seen[0], ro, unweighted_TKH if self._collect_expert_outputs else None)
         if sink is not None:
-            sink.append(self._record(seen[0], ro, unweighted_TKH if self._collect_expert_outputs else None))
+            sink.append(record)
         return self._finalize_output(output.reshape(bsz, seqlen, hdim), x_TH, hidden_states, hdim)
 
     def expert_parallel_group(self):
@@ -226,17 +231,17 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], family: Family) -> dict[str
             out[prefix + "experts.gate_up_proj"] = torch.cat([value, state[prefix + "experts.w3"]], dim=1)
         elif rest == "experts.w2":
             out[prefix + "experts.down_proj"] = value
-        elif rest == "expert_bias":
-            _fold_expert_bias(out, state, prefix, value, family)
+        elif rest in ("expert_bias", "router.e_score_correction_bias"):
+            _fold_expert_bias(out, state, prefix, family)
         else:
             out[_hf_name(key, family)] = value
     return out
 
 
-def _fold_expert_bias(out: dict, state: dict, prefix: str, bias: torch.Tensor, family: Family) -> None:
-    ecb = prefix + "router.e_score_correction_bias"
-    if ecb in state:
-        out[prefix + "gate.e_score_correction_bias"] = state[ecb] + bias.to(state[ecb].dtype)
+def _fold_expert_bias(out: dict, state: dict, prefix: str, family: Family) -> None:
+    ecb, bias = state.get(prefix + "router.e_score_correction_bias"), state.get(prefix + "expert_bias")
+    if ecb is not None:
+        out[prefix + "gate.e_score_correction_bias"] = ecb if bias is None else ecb + bias.to(ecb.dtype)
     elif torch.count_nonzero(bias):
         raise ValueError(f"{prefix}expert_bias (Loss-Free Balancing) is nonzero but {family.model_type} has no "
                          f"selection bias in transformers: the exported model would route differently. Export a "
