@@ -4,6 +4,7 @@
     ds-moe-div prepare-corpus --out data/builtin --tier lite --mb-per-subdomain 1
     ds-moe-div eval --run-dir runs/tiny [--checkpoint global_step200] [--max-batches 32] [--tensorboard]
     ds-moe-div compare runs/baseline runs/ed_0.01 --names baseline ed
+    ds-moe-div export runs/olmoe_post out/olmoe_post_hf [--overwrite]
 
 Multi-process training and evaluation go through the `deepspeed` launcher with scripts/train.py and
 scripts/evaluate.py (same arguments).
@@ -19,6 +20,7 @@ COMMANDS = {
     "eval": ("ds_moe_div.evaluation.runner", "evaluate a checkpoint: held-out PPL, delta-PPL, routing report"),
     "compare": ("ds_moe_div.evaluation.compare", "side-by-side table of several runs' evaluation reports"),
     "sweep": ("ds_moe_div.sweep.cli", "run a sweep of variants x seeds, evaluate each, compare"),
+    "export": ("ds_moe_div.hf.export", "write a checkpoint of an imported model as a Hugging Face directory"),
 }
 
 

@@ -55,6 +55,8 @@ def train_step(engine, batches: Iterator[dict], composer: ObjectiveComposer, win
         engine.backward(losses.total)
         engine.step()
         window.add(losses, out, batch)
+    if hasattr(engine.module, "end_of_step"):  # imported models: AutoEP's token counter restarts each step
+        engine.module.end_of_step()
 
 
 

@@ -57,6 +57,17 @@ def convert(model, family: Family, *, ep_size: int = 1, ep_rank: int = 0) -> int
     return len(specs)
 
 
+def moe_optimizer(factory):
+    """An optimizer callable for `deepspeed.initialize(optimizer=...)`: `factory(param_groups)` on groups
+    split by DeepSpeed's `configure_moe_param_groups` (an optimizer built before initialize cannot work:
+    AutoEP creates the expert parameters inside it, and ZeRO-2 needs the MoE groups marked)."""
+    from deepspeed.moe.utils import configure_moe_param_groups
+
+    def build(params):
+        return factory(configure_moe_param_groups(list(params)))
+    return build
+
+
 class RoutingAutoEPLayer(AutoEPMoELayer):
     """AutoEPMoELayer whose forward also builds a RoutingRecord (see the module docstring)."""
 
