@@ -116,6 +116,10 @@ def test_token_counts_reset_and_expert_bias_selects_only(tiny_dirs):
     _, ours = reference_and_ours(tiny_dirs["olmoe"])
     ids, labels = batch(ours.config.vocab_size, seed=4)
     T, k = ids.numel(), ours.k
+    ours.eval()
+    ours(ids, labels_BS=labels)
+    assert ours.end_of_step().sum() == 0  # evaluation forwards do not count as load
+    ours.train()
     ours(ids, labels_BS=labels)
     ours(ids, labels_BS=labels)
     counts_LE = ours.end_of_step()

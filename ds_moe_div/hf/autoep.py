@@ -11,7 +11,7 @@ family's shared experts, dropless, all-to-all with split sizes under EP. What th
     with routing_capture(model, collect_expert_outputs=True) as records:
         model(input_ids)                              # records: one RoutingRecord per MoE layer, in depth order
     counts_LE = take_tokens_per_expert(model)         # AutoEP never resets its counter: read and zero per step
-                                                      # (counted inside routing_capture only)
+                                                      # (training forwards inside routing_capture only)
     biases = enable_expert_bias(model)                # Loss-Free Balancing: selection-only bias, one [E] per layer
     hf_sd = to_hf_state_dict(model.state_dict(), family)   # our names <-> transformers' in-memory names
 
@@ -81,7 +81,8 @@ class RoutingAutoEPLayer(AutoEPMoELayer):
         finally:
             hook.remove()
         sink = self._routing_sink
-        if sink is not None:  # only captured forwards count: a recomputation in backward must not add twice
+        # Only captured training forwards count: not a recomputation in backward, not an evaluation.
+        if sink is not None and self.training:
             with torch.no_grad():
                 self.tokens_per_expert.add_(ro.num_tokens_per_expert)
         order = torch.argsort(ro.selected_experts.view(-1), stable=True)
