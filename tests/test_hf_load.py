@@ -99,3 +99,16 @@ def test_good_checkpoint_loads_with_its_tokenizer(tiny_dirs):
     model = load_pretrained(tiny_dirs["deepseek_v3"], ep_size=2)
     tok = load.load_tokenizer(tiny_dirs["deepseek_v3"])
     assert len(tok) == model.config.vocab_size and tok.eos_token == "<|eos|>"
+
+
+def test_make_tiny_hf_script_writes_a_loadable_model_and_refuses_a_non_empty_dir(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "scripts" / "make_tiny_hf.py"
+    out = tmp_path / "m"
+    cmd = [sys.executable, str(script), "--family", "qwen3_moe", "--out", str(out)]
+    assert subprocess.run(cmd, check=False, capture_output=True, timeout=300).returncode == 0
+    assert load_pretrained(out).config.model_type == "qwen3_moe"
+    again = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "not empty" in again.stderr

@@ -1,10 +1,13 @@
 """`model.pretrained` through the normal trainer: checks at config time, then one 2-rank EP=2 ZeRO-2 run with
-every objective on (the shipped ds_config), a checkpoint, `ds-moe-div export` and a reload in transformers.
+every objective on (the shipped ds_config), a checkpoint, `ds-moe-div eval` (held-out PPL, router-permutation
+delta-PPL, routing statistics), `ds-moe-div export` and a reload in transformers.
 """
 from __future__ import annotations
 
 import configparser
 import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +19,7 @@ from ds_moe_div.hf.families import FAMILIES
 from ds_moe_div.hf.load import load_pretrained, read_config
 from ds_moe_div.hf.session import check_model_config, with_autoep, with_pretrained_tokenizer
 from tests import hf_fixtures
-from tests.dist_utils import run_on_ranks
+from tests.dist_utils import run_command, run_on_ranks
 
 tiny_dirs = hf_fixtures.tiny_dirs  # session fixture
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -89,6 +92,13 @@ def test_pretrained_run_with_every_objective_exports_to_transformers(tiny_dirs, 
     assert all(r["counts_after_step"] == 0 for r in ranks)  # AutoEP's counter restarts every step
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["model"]["pretrained"] == str(tiny_dirs["olmoe"])
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    evaluated = run_command([sys.executable, "-m", "ds_moe_div", "eval", "--run-dir", str(run_dir), "--max-batches",
+                             "1", "--permutation-seeds", "1", "--no-progress"], cwd=tmp_path, env=env, timeout=300)
+    assert evaluated.returncode == 0, evaluated.stdout
+    report = json.loads(next((run_dir / "eval").rglob("report.json")).read_text())
+    assert set(report["delta_ppl"]) >= {"layer_0", "layer_1"} and report["lm_loss"] > 0
+    assert len(report["routing_matrices"]["layer_0"]) > 0
     out = tmp_path / "hf"
     out.mkdir()
     (out / "keep.txt").write_text("mine")

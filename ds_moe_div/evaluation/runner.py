@@ -144,11 +144,12 @@ def evaluate(args) -> dict:
         batches = _counted(islice(loader, steps), bar)
         return summarize(heldout_sums(engine, batches, num_domains=len(names), accumulator=accumulator), names)
 
-    acc = RoutingAccumulator(num_layers=len(layers), num_domains=len(names), num_experts=moe.num_experts, k=moe.k,
+    num_experts, k = getattr(loaded.model, "num_experts", moe.num_experts), getattr(loaded.model, "k", moe.k)
+    acc = RoutingAccumulator(num_layers=len(layers), num_domains=len(names), num_experts=num_experts, k=k,
                              layer_ids=layer_ids, device=engine.device)
     base = run_pass(acc)
     stats = acc.reduce()
-    perms = draw_permutations(len(layers), moe.num_experts, seeds)
+    perms = draw_permutations(len(layers), num_experts, seeds)
     delta = router_permutation_delta(run_pass, layers, layer_ids, base, perms, progress=bar.set_postfix_str) \
         if seeds else {}
     bar.close()

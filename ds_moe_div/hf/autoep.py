@@ -111,6 +111,11 @@ class RoutingAutoEPLayer(AutoEPMoELayer):
             sink.append(record)
         return self._finalize_output(output.reshape(bsz, seqlen, hdim), x_TH, hidden_states, hdim)
 
+    @property
+    def router_weight(self) -> torch.nn.Parameter:
+        """The router's [E, H] weight (row e scores expert e)."""
+        return self.router.gate.weight
+
     def expert_parallel_group(self):
         """DeepSpeed's expert-parallel group of this layer (ranks holding different experts)."""
         from deepspeed.utils import groups

@@ -58,7 +58,7 @@ def tiny_model(family: str, *, vocab_size: int, seed: int = 0):
 
     torch.manual_seed(seed)
     model = T.AutoModelForCausalLM.from_config(tiny_config(family, vocab_size=vocab_size, seed=seed),
-                                               attn_implementation="eager", torch_dtype=torch.float32)
+                                               attn_implementation="eager", dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in model.named_parameters():
