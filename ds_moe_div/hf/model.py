@@ -25,6 +25,8 @@ from ds_moe_div.model import ModelOutput
 
 
 class PretrainedMoELM(nn.Module):
+    base_model_prefix = "model"  # transformers' name of the backbone (peft's conversion mapping reads it)
+
     def __init__(self, hf_model, *, family: Family | None = None, source: str | None = None) -> None:
         super().__init__()
         self.model = hf_model.model
