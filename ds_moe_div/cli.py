@@ -6,6 +6,7 @@
     python -m ds_moe_div compare runs/baseline runs/ed_0.01 --names baseline ed
     python -m ds_moe_div sweep ds_configs/sweeps/objectives.json --dry-run
     python -m ds_moe_div generate runs/tiny --prompt "def add(a, b):" [--max-new-tokens 64 --temperature 0.8 --top-p 0.95]
+    python -m ds_moe_div export runs/olmoe_post out/olmoe_post_hf [--overwrite]
     python -m ds_moe_div --version
 
 Multi-process training and evaluation go through the `deepspeed` launcher with scripts/train.py and
@@ -25,6 +26,7 @@ COMMANDS = {
     "compare": ("ds_moe_div.evaluation.compare", "side-by-side table of several runs' evaluation reports"),
     "sweep": ("ds_moe_div.sweep.cli", "run a sweep of variants x seeds, evaluate each, compare"),
     "generate": ("ds_moe_div.evaluation.generation", "generate text from a checkpoint (greedy or sampled, 1 process)"),
+    "export": ("ds_moe_div.hf.export", "write a checkpoint of an imported model as a Hugging Face directory"),
 }
 
 

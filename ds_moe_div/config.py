@@ -61,6 +61,9 @@ class ModelConfig:
     # one more forward per block. Routing records and losses come from the first forward only.
     activation_checkpointing: bool = False
     moe: MoEConfig = field(default_factory=MoEConfig)
+    # A local Hugging Face MoE directory (config.json + safetensors + tokenizer) to post-train instead of a
+    # from-scratch model; it decides the architecture (see ds_moe_div/hf/session.py). moe.ep_size applies.
+    pretrained: str | None = None
 
     def __post_init__(self):
         _require(self.d_model % self.n_heads == 0, f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")

@@ -30,6 +30,8 @@ from ds_moe_div.distributed import (
 from ds_moe_div.ds_config import check_ds_config, engine_config
 from ds_moe_div.evaluation.heldout import heldout_sums, summarize
 from ds_moe_div.guard import RunGuard
+from ds_moe_div.hf import autoep
+from ds_moe_div.hf import session as hf_session
 from ds_moe_div.log_window import LogWindow
 from ds_moe_div.loss_free import LossFreeBalancer
 from ds_moe_div.metrics.accumulator import RoutingAccumulator
@@ -123,19 +125,28 @@ def build(cfg: ExperimentConfig, ds: dict) -> TrainState:
 
 def _build(cfg: ExperimentConfig, ds: dict, info: RankInfo, micro: int, gas: int, lock) -> TrainState:
     checkpoint.check_run_dir(cfg.train.run_dir, resume=cfg.train.resuming)
+    if cfg.model.pretrained:
+        cfg = hf_session.with_pretrained_tokenizer(cfg)
     with main_rank_first(info):
         data = prepare_data(cfg.data, show_progress=info.is_main and cfg.train.show_progress)
     check_enough(data.splits["train"], micro * info.world_size)
     _check_objective_inputs(cfg, data)
-    vocab = _vocab_size(cfg, data)
     seed_everything(cfg.train.seed)
-    model = MoELanguageModel(cfg.model, vocab_size=vocab, seq_len=cfg.data.seq_len, seed=cfg.train.seed,
-                             ep_rank=info.ep_rank(cfg.model.moe.ep_size))
+    if cfg.model.pretrained:  # a Hugging Face MoE through DeepSpeed's AutoEP (ds_moe_div/hf)
+        model = hf_session.build_pretrained(cfg, tokenizer_vocab=data.vocab_size)
+        vocab = model.config.vocab_size
+        ds = hf_session.with_autoep(ds, model, ep_size=cfg.model.moe.ep_size)
+    else:
+        vocab = _vocab_size(cfg, data)
+        model = MoELanguageModel(cfg.model, vocab_size=vocab, seq_len=cfg.data.seq_len, seed=cfg.train.seed,
+                                 ep_rank=info.ep_rank(cfg.model.moe.ep_size))
     ds = engine_config(ds, micro, gas, info.world_size, steps=cfg.train.steps)  # what the engine runs
     loss_free = cfg.objectives.balance.method == "loss_free"
-    if loss_free:  # the bias buffers exist before DeepSpeed places the module and before a checkpoint loads
+    if loss_free and not cfg.model.pretrained:  # the bias buffers exist before DeepSpeed places the module
         enable_selection_bias([layer.gate for layer in model.moe_layers()])
     engine = _initialize(model, ds, info, cfg)
+    if loss_free and cfg.model.pretrained:  # AutoEP's layers exist only now; the checkpoint loads later
+        autoep.enable_expert_bias(model)
     layer = model.moe_layers()[0]
     composer = ObjectiveComposer(cfg.objectives, num_domains=len(data.domain_names),
                                  divergence_group=divergence_group(cfg.objectives.divergence.scope, layer),
@@ -164,14 +175,19 @@ def _log_window(cfg: ExperimentConfig, model: MoELanguageModel, data: PreparedDa
         return LogWindow()
     layer_ids = tuple(layer.layer_id for layer in model.moe_layers())
     acc = RoutingAccumulator(num_layers=len(layer_ids), num_domains=len(data.domain_names),
-                             num_experts=cfg.model.moe.num_experts, k=cfg.model.moe.k, layer_ids=layer_ids,
+                             num_experts=getattr(model, "num_experts", cfg.model.moe.num_experts),
+                             k=getattr(model, "k", cfg.model.moe.k), layer_ids=layer_ids,
                              window_steps=cfg.train.log_interval)
     return LogWindow(acc, data.domain_names, expert_overlap=cfg.train.expert_overlap)
 
 
-def _balancer(cfg: ExperimentConfig, model: MoELanguageModel) -> LossFreeBalancer:
+def _balancer(cfg: ExperimentConfig, model) -> LossFreeBalancer:
+    """Loss-Free Balancing's update over the model's selection biases: the native gates' `selection_bias`,
+    or the AutoEP layers' `expert_bias` of an imported model (looked up after DeepSpeed placed the module)."""
     layers = model.moe_layers()
-    return LossFreeBalancer(selection_biases([layer.gate for layer in layers]), gamma=cfg.objectives.balance.gamma,
+    biases = autoep.enable_expert_bias(model) if cfg.model.pretrained else \
+        selection_biases([layer.gate for layer in layers])
+    return LossFreeBalancer(biases, gamma=cfg.objectives.balance.gamma,
                             layer_ids=[layer.layer_id for layer in layers], group=dist.group.WORLD)
 
 
@@ -193,6 +209,8 @@ def _vocab_size(cfg: ExperimentConfig, data: PreparedData) -> int:
 def _initialize(model, ds_dict: dict, info: RankInfo, cfg: ExperimentConfig):
     import deepspeed
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds_dict)
+    if cfg.model.pretrained:
+        model.attach_routing()  # AutoEP replaced the MoE blocks inside initialize
     ep_group = model.moe_layers()[0].expert_parallel_group()
     if dist.get_rank(group=ep_group) != info.ep_rank(cfg.model.moe.ep_size):
         raise RuntimeError("DeepSpeed's expert-parallel layout differs from the one expert initialisation assumed")

@@ -74,6 +74,8 @@ def train_step(engine, batches: Iterator[dict], composer: ObjectiveComposer, win
             balancer.add(out.routing, batch["domain_ids"].reshape(-1) >= 0)
         step_loss = losses.total.detach() if step_loss is None else step_loss + losses.total.detach()
     window.end_step()
+    if hasattr(engine.module, "end_of_step"):  # imported models: AutoEP's token counter restarts each step
+        engine.module.end_of_step()
     if balancer is not None:
         balancer.step()
     return step_loss

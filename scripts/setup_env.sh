@@ -12,4 +12,4 @@ PY=${PYTHON:-python3}
 .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
   || .venv/bin/pip install -q torch==2.13.0
 .venv/bin/pip install -q deepspeed==0.19.8
-.venv/bin/pip install -q -e ".[test]"
+.venv/bin/pip install -q -e ".[test,hf,eval]"  # hf: the imported-family parity tests; eval: the lm-eval bridge test

@@ -38,3 +38,12 @@ def test_bench_step_prints_every_variant():
     for header in ("variant", "step ms", "ratio", "MFU", "baseline (l_aux)", "all objectives",
                    "aux + routing + paper + overlap", "paper metrics: step time ratio"):
         assert header in out, header
+
+
+def test_bench_hf_prints_the_ratio_to_plain_transformers():
+    pytest.importorskip("transformers")
+    out = run_script("bench_hf.py", "--family", "qwen3_moe", "--batch", "2", "--seq", "16", "--steps", "1",
+                     "--repeats", "1", timeout=180)
+    for header in ("step ms", "tokens/s", "ds_moe_div (AutoEP, l_aux)", "plain transformers (grouped_mm)",
+                   "ratio (ds_moe_div / plain tokens/s)"):
+        assert header in out, header

@@ -102,11 +102,21 @@ def load_for_eval(path, *, micro_batch_size: int | None = None, show_progress: b
     if data.vocab_size > vocab:
         raise checkpoint.CheckpointError(f"the tokenizer of {cfg.data.corpus!r} has {data.vocab_size} tokens, the "
                                          f"checkpoint's model {vocab}: the data changed since training")
-    model = MoELanguageModel(cfg.model, vocab_size=vocab, seq_len=cfg.data.seq_len, seed=cfg.train.seed,
-                             ep_rank=info.ep_rank(cfg.model.moe.ep_size))
-    if cfg.objectives.balance.method == "loss_free":  # route as trained: with the checkpoint's selection bias
-        enable_selection_bias([layer.gate for layer in model.moe_layers()])
-    engine, dtype = _engine(model, micro, info.world_size)
+    if cfg.model.pretrained:  # an imported Hugging Face MoE: its AutoEP layers are built inside initialize
+        from ds_moe_div.hf import autoep
+        from ds_moe_div.hf import session as hf_session
+        with working_dir(base):
+            model = hf_session.build_pretrained(cfg, tokenizer_vocab=data.vocab_size)
+        engine, dtype = _engine(model, micro, info.world_size, autoep=model.autoep_block(ep_size=cfg.model.moe.ep_size))
+        model.attach_routing()
+        if cfg.objectives.balance.method == "loss_free":  # route as trained: with the checkpoint's expert_bias
+            autoep.enable_expert_bias(model)
+    else:
+        model = MoELanguageModel(cfg.model, vocab_size=vocab, seq_len=cfg.data.seq_len, seed=cfg.train.seed,
+                                 ep_rank=info.ep_rank(cfg.model.moe.ep_size))
+        if cfg.objectives.balance.method == "loss_free":  # route as trained: with the checkpoint's selection bias
+            enable_selection_bias([layer.gate for layer in model.moe_layers()])
+        engine, dtype = _engine(model, micro, info.world_size)
     arch = checkpoint.architecture(to_dict(cfg.model), vocab, tokenizer=data.tokenizer_path)
     checkpoint.load(engine, tag_dir, arch=arch, rank=info.rank, module_only=True)
     engine.eval()
@@ -115,12 +125,15 @@ def load_for_eval(path, *, micro_batch_size: int | None = None, show_progress: b
                             dtype=dtype, launch_dir=base)
 
 
-def _engine(model: MoELanguageModel, micro: int, world_size: int):
+def _engine(model: MoELanguageModel, micro: int, world_size: int, autoep: dict | None = None):
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     on_gpu = get_accelerator().device_name() != "cpu"
-    engine, *_ = deepspeed.initialize(model=model, config=inference_config(micro, world_size, on_gpu=on_gpu))
+    config = inference_config(micro, world_size, on_gpu=on_gpu)
+    if autoep is not None:
+        config = {**config, "expert_parallel": autoep}
+    engine, *_ = deepspeed.initialize(model=model, config=config)
     return engine, "bf16" if on_gpu else "fp32"
 
 

@@ -51,7 +51,8 @@ def permuted_routers(layers: Sequence, perms: Sequence[torch.Tensor | None]):
             for layer, perm in zip(layers, perms):
                 if perm is None:
                     continue
-                weight = layer.gate.wg.weight
+                # DeepSpeed-MoE gate, or an imported model's AutoEP router (ds_moe_div.hf.autoep)
+                weight = layer.router_weight if hasattr(layer, "router_weight") else layer.gate.wg.weight
                 original = weight.detach().clone()
                 saved.append((weight, original))
                 weight.copy_(original[perm.to(weight.device)])

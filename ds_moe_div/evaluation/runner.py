@@ -150,7 +150,8 @@ def evaluate(args) -> dict:
     layers = loaded.model.moe_layers()
     layer_ids = [layer.layer_id for layer in layers]
     seeds = list(range(args.permutation_seeds))
-    passes = 2 + (len(layers) + 1) * len(seeds) + eval_tasks.ablation_passes(args, len(names), moe.k, moe.num_experts)
+    num_experts, k = getattr(loaded.model, "num_experts", moe.num_experts), getattr(loaded.model, "k", moe.k)
+    passes = 2 + (len(layers) + 1) * len(seeds) + eval_tasks.ablation_passes(args, len(names), k, num_experts)
     # (+1: the specialisation pass, Expert Overlap and Silhouette)
     bar = progress.bar(total=passes * steps, desc="eval", unit="batch", enabled=info.is_main and show,
                        log_every=max(steps, 1))  # off a terminal: one line per pass
@@ -159,7 +160,7 @@ def evaluate(args) -> dict:
         batches = _counted(islice(loader, steps), bar)
         return summarize(heldout_sums(engine, batches, num_domains=len(names), accumulator=accumulator), names)
 
-    acc = RoutingAccumulator(num_layers=len(layers), num_domains=len(names), num_experts=moe.num_experts, k=moe.k,
+    acc = RoutingAccumulator(num_layers=len(layers), num_domains=len(names), num_experts=num_experts, k=k,
                              layer_ids=layer_ids, device=engine.device)
     base = run_pass(acc)
     stats = acc.reduce()
@@ -168,11 +169,11 @@ def evaluate(args) -> dict:
     if warning and info.is_main:
         print(warning, file=sys.stderr)
     paper_scalars, silhouette = specialisation_pass(engine, layers, _counted(islice(loader, steps), bar))
-    perms = draw_permutations(len(layers), moe.num_experts, seeds)
+    perms = draw_permutations(len(layers), num_experts, seeds)
     delta = router_permutation_delta(run_pass, layers, layer_ids, base, perms, progress=bar.set_postfix_str) \
         if seeds else {}
-    ablation = eval_tasks.run_ablation(args, run_pass, layers, layer_ids, stats, base, k=moe.k,
-                                       num_experts=moe.num_experts, progress=bar.set_postfix_str)
+    ablation = eval_tasks.run_ablation(args, run_pass, layers, layer_ids, stats, base, k=k,
+                                       num_experts=num_experts, progress=bar.set_postfix_str)
     bar.close()
     task_results = eval_tasks.run_tasks(args, loaded, split, names)
     out_dir = Path(args.out) if args.out else default_out(loaded, args.split, column, as_trained=as_trained)

@@ -1,0 +1,111 @@
+"""Training throughput of an imported Hugging Face MoE under ds_moe_div vs plain transformers, in one run.
+
+    python scripts/bench_hf.py [--family olmoe | --model-dir models/my_moe] [--batch 4 --seq 128 --steps 3 --repeats 5]
+
+The same weights and the same batches twice: (a) ds_moe_div: `PretrainedMoELM` in a DeepSpeed engine with
+the family's AutoEP block (EP=1, ZeRO-2, the shipped ds_configs/ds_zero2_cpu.json), a full `train_step`
+with the baseline objectives (LM + L_aux), routing records included; (b) plain transformers with its
+fastest experts implementation (`grouped_mm`), forward + backward + torch AdamW. Timed round-robin
+(a, b, a, b, ...) so that drift of the machine hits both alike; prints median step time, tokens/s and the
+median over rounds of the per-round ratio (ours / plain tokens/s) with its range. Without --model-dir a
+tiny random model of --family is made in a temporary directory. Never asserted anywhere: a figure.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DS_CPU = ROOT / "ds_configs" / "ds_zero2_cpu.json"
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", default="olmoe")
+    p.add_argument("--model-dir", help="a local HF MoE directory (default: a tiny random model of --family)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per side per round")
+    p.add_argument("--repeats", type=int, default=5, help="rounds")
+    p.add_argument("--local_rank", type=int, default=-1)
+    return p.parse_args()
+
+
+def batches(vocab: int, batch: int, seq: int):
+    g = torch.Generator().manual_seed(0)
+    while True:
+        ids = torch.randint(2, vocab, (batch, seq + 1), generator=g)
+        yield {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "domain_ids": torch.zeros(batch, seq, dtype=torch.long)}
+
+
+def main():
+    args = parse_args()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    from ds_moe_div.composer import ObjectiveComposer
+    from ds_moe_div.config import ObjectivesConfig
+    from ds_moe_div.distributed import init_distributed
+    from ds_moe_div.ds_config import engine_config, load_ds_config
+    from ds_moe_div.hf.load import load_pretrained
+    from ds_moe_div.hf.model import PretrainedMoELM
+    from ds_moe_div.hf.tiny import make_tiny
+    from ds_moe_div.log_window import LogWindow
+    from ds_moe_div.train import train_step
+
+    info = init_distributed()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(args.model_dir) if args.model_dir else make_tiny(family=args.family, out_dir=Path(tmp) / "m")
+        plain = load_pretrained(path).train()
+        plain.set_experts_implementation("grouped_mm")
+        ours = PretrainedMoELM(copy.deepcopy(plain), source=str(path))
+    ds = engine_config(load_ds_config(DS_CPU), args.batch, 1, info.world_size, steps=10**6)
+    ds["expert_parallel"] = ours.autoep_block(ep_size=1)
+    engine, *_ = deepspeed.initialize(model=ours, model_parameters=list(ours.parameters()), config=ds)
+    ours.attach_routing()
+    params = ds["optimizer"]["params"]
+    opt = torch.optim.AdamW(plain.parameters(), lr=params["lr"], betas=params["betas"], eps=params["eps"],
+                            weight_decay=params["weight_decay"])
+    composer = ObjectiveComposer(ObjectivesConfig(), num_domains=1)
+    data = batches(plain.config.vocab_size, args.batch, args.seq)
+
+    def ours_step():
+        train_step(engine, data, composer, LogWindow(), step=0)
+
+    def plain_step():
+        b = next(data)
+        logits = plain(input_ids=b["input_ids"]).logits.float()
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), b["labels"].flatten()).backward()
+        torch.nn.utils.clip_grad_norm_(plain.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    times = {"ds_moe_div (AutoEP, l_aux)": [], "plain transformers (grouped_mm)": []}
+    for round_id in range(args.repeats + 1):  # round 0 warms up
+        for name, step in zip(times, (ours_step, plain_step)):
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            if round_id:
+                times[name].append((time.perf_counter() - start) / args.steps)
+    tokens = args.batch * args.seq * info.world_size
+    print(f"== {plain.config.model_type}: {sum(p.numel() for p in plain.parameters()) / 1e6:.2f}M params, "
+          f"{args.batch}x{args.seq} tokens per step, {args.repeats} rounds x {args.steps} steps ==")
+    print(f"{'':34s} {'step ms':>9s} {'tokens/s':>10s}")
+    for name, ts in times.items():
+        print(f"{name:34s} {1e3 * statistics.median(ts):9.1f} {tokens / statistics.median(ts):10.0f}")
+    ours_t, plain_t = times.values()
+    ratios = [p / o for o, p in zip(ours_t, plain_t)]  # tokens/s ours / plain = time plain / time ours
+    print(f"ratio (ds_moe_div / plain tokens/s): {statistics.median(ratios):.2f} "
+          f"(range {min(ratios):.2f}-{max(ratios):.2f} over {len(ratios)} rounds)")
+
+
+if __name__ == "__main__":
+    main()
