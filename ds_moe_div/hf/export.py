@@ -1,6 +1,6 @@
 """Export a ds_moe_div checkpoint of an imported model to a Hugging Face directory transformers loads as is.
 
-    ds-moe-div export runs/olmoe_lo out/olmoe_lo_hf [--overwrite] [--max-shard-size 2GB]
+    python -m ds_moe_div export runs/olmoe_lo out/olmoe_lo_hf [--overwrite] [--max-shard-size 2GB]
     python -c "import transformers as t; t.AutoModelForCausalLM.from_pretrained('out/olmoe_lo_hf')"
 
 Reads DeepSpeed's files directly in one process: the non-expert weights from `mp_rank_00_model_states.pt`
@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ds_moe_div import rundir
+from ds_moe_div.cli import prog
 from ds_moe_div.hf.autoep import to_hf_state_dict
 from ds_moe_div.hf.families import Family
 from ds_moe_div.hf.load import read_config
@@ -116,7 +117,7 @@ def resolve(path) -> tuple[Path, str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=prog("export"), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="run dir, its checkpoints/ dir, or one checkpoint tag dir")
     parser.add_argument("out_dir", help="Hugging Face directory to write")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir")
