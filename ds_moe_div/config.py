@@ -46,6 +46,16 @@ class MoEConfig:
                  "that divides num_experts")
 
 
+# Keys of DeepSpeed's native capacity-based gate that AutoEP's dropless layer does not have.
+NATIVE_ONLY_MOE_KEYS = ("capacity_factor", "eval_capacity_factor", "min_capacity", "drop_tokens", "noisy_gate_policy",
+                        "top2_2nd_expert_sampling", "use_rts", "use_residual")
+
+
+def _set_native_keys(moe: MoEConfig) -> list[str]:
+    default = MoEConfig()
+    return [k for k in NATIVE_ONLY_MOE_KEYS if getattr(moe, k) != getattr(default, k)]
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int | None = None  # None: the tokenizer's vocabulary size
@@ -64,11 +74,25 @@ class ModelConfig:
     # A local Hugging Face MoE directory (config.json + safetensors + tokenizer) to post-train instead of a
     # from-scratch model; it decides the architecture (see ds_moe_div/hf/session.py). moe.ep_size applies.
     pretrained: str | None = None
+    # From-scratch models only. "native": DeepSpeed's capacity-based MoE layer (ds_moe_div/model.py);
+    # "autoep": this config as a small Hugging Face `family` model (transformers' from_config) on DeepSpeed's
+    # dropless AutoEP layer, the path of imported models (ds_moe_div/hf/scratch.py).
+    backend: Literal["native", "autoep"] = "native"
+    family: Literal["qwen3_moe"] = "qwen3_moe"
 
     def __post_init__(self):
+        if self.backend == "autoep" and self.pretrained is None:
+            keys = _set_native_keys(self.moe)
+            _require(not keys, f"model.backend='autoep' runs DeepSpeed's dropless AutoEP layer, which has no "
+                     f"{', '.join('model.moe.' + k for k in keys)}: remove them (or use model.backend='native')")
         _require(self.d_model % self.n_heads == 0, f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         _require((self.d_model // self.n_heads) % 2 == 0, "head dim (d_model / n_heads) must be even for rotary")
         _require(self.moe.first_dense_layers < self.n_layers, "moe.first_dense_layers leaves no MoE layer")
+
+    @property
+    def uses_autoep(self) -> bool:
+        """The model runs through DeepSpeed's AutoEP layer: imported (`pretrained`) or backend "autoep"."""
+        return self.pretrained is not None or self.backend == "autoep"
 
     def moe_layer_ids(self) -> tuple[int, ...]:
         step = 2 if self.moe.layer_pattern == "every_other" else 1

@@ -30,7 +30,7 @@ from ds_moe_div.distributed import (
 from ds_moe_div.ds_config import check_ds_config, engine_config
 from ds_moe_div.evaluation.heldout import heldout_sums, summarize
 from ds_moe_div.guard import RunGuard
-from ds_moe_div.hf import autoep
+from ds_moe_div.hf import autoep, scratch
 from ds_moe_div.hf import session as hf_session
 from ds_moe_div.log_window import LogWindow
 from ds_moe_div.loss_free import LossFreeBalancer
@@ -136,16 +136,20 @@ def _build(cfg: ExperimentConfig, ds: dict, info: RankInfo, micro: int, gas: int
         model = hf_session.build_pretrained(cfg, tokenizer_vocab=data.vocab_size)
         vocab = model.config.vocab_size
         ds = hf_session.with_autoep(ds, model, ep_size=cfg.model.moe.ep_size)
+    elif cfg.model.backend == "autoep":  # from scratch, as a small HF family model on the same path
+        vocab = _vocab_size(cfg, data)
+        model = scratch.build_scratch(cfg.model, vocab_size=vocab, seq_len=cfg.data.seq_len, seed=cfg.train.seed)
+        ds = hf_session.with_autoep(ds, model, ep_size=cfg.model.moe.ep_size)
     else:
         vocab = _vocab_size(cfg, data)
         model = MoELanguageModel(cfg.model, vocab_size=vocab, seq_len=cfg.data.seq_len, seed=cfg.train.seed,
                                  ep_rank=info.ep_rank(cfg.model.moe.ep_size))
     ds = engine_config(ds, micro, gas, info.world_size, steps=cfg.train.steps)  # what the engine runs
     loss_free = cfg.objectives.balance.method == "loss_free"
-    if loss_free and not cfg.model.pretrained:  # the bias buffers exist before DeepSpeed places the module
+    if loss_free and not cfg.model.uses_autoep:  # the bias buffers exist before DeepSpeed places the module
         enable_selection_bias([layer.gate for layer in model.moe_layers()])
     engine = _initialize(model, ds, info, cfg)
-    if loss_free and cfg.model.pretrained:  # AutoEP's layers exist only now; the checkpoint loads later
+    if loss_free and cfg.model.uses_autoep:  # AutoEP's layers exist only now; the checkpoint loads later
         autoep.enable_expert_bias(model)
     layer = model.moe_layers()[0]
     composer = ObjectiveComposer(cfg.objectives, num_domains=len(data.domain_names),
@@ -185,7 +189,7 @@ def _balancer(cfg: ExperimentConfig, model) -> LossFreeBalancer:
     """Loss-Free Balancing's update over the model's selection biases: the native gates' `selection_bias`,
     or the AutoEP layers' `expert_bias` of an imported model (looked up after DeepSpeed placed the module)."""
     layers = model.moe_layers()
-    biases = autoep.enable_expert_bias(model) if cfg.model.pretrained else \
+    biases = autoep.enable_expert_bias(model) if cfg.model.uses_autoep else \
         selection_biases([layer.gate for layer in layers])
     return LossFreeBalancer(biases, gamma=cfg.objectives.balance.gamma,
                             layer_ids=[layer.layer_id for layer in layers], group=dist.group.WORLD)
@@ -209,7 +213,7 @@ def _vocab_size(cfg: ExperimentConfig, data: PreparedData) -> int:
 def _initialize(model, ds_dict: dict, info: RankInfo, cfg: ExperimentConfig):
     import deepspeed
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds_dict)
-    if cfg.model.pretrained:
+    if cfg.model.uses_autoep:
         model.attach_routing()  # AutoEP replaced the MoE blocks inside initialize
     ep_group = model.moe_layers()[0].expert_parallel_group()
     if dist.get_rank(group=ep_group) != info.ep_rank(cfg.model.moe.ep_size):

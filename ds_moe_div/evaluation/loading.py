@@ -102,11 +102,14 @@ def load_for_eval(path, *, micro_batch_size: int | None = None, show_progress: b
     if data.vocab_size > vocab:
         raise checkpoint.CheckpointError(f"the tokenizer of {cfg.data.corpus!r} has {data.vocab_size} tokens, the "
                                          f"checkpoint's model {vocab}: the data changed since training")
-    if cfg.model.pretrained:  # an imported Hugging Face MoE: its AutoEP layers are built inside initialize
-        from ds_moe_div.hf import autoep
+    if cfg.model.uses_autoep:  # imported or backend "autoep": its AutoEP layers are built inside initialize
+        from ds_moe_div.hf import autoep, scratch
         from ds_moe_div.hf import session as hf_session
-        with working_dir(base):
-            model = hf_session.build_pretrained(cfg, tokenizer_vocab=data.vocab_size)
+        if cfg.model.pretrained:
+            with working_dir(base):
+                model = hf_session.build_pretrained(cfg, tokenizer_vocab=data.vocab_size)
+        else:
+            model = scratch.build_scratch(cfg.model, vocab_size=vocab, seq_len=cfg.data.seq_len, seed=cfg.train.seed)
         engine, dtype = _engine(model, micro, info.world_size, autoep=model.autoep_block(ep_size=cfg.model.moe.ep_size))
         model.attach_routing()
         if cfg.objectives.balance.method == "loss_free":  # route as trained: with the checkpoint's expert_bias

@@ -105,14 +105,17 @@ def _copy_tokenizer_and_generation(pretrained: Path, out: Path, family: Family) 
         GenerationConfig.from_pretrained(pretrained, local_files_only=True).save_pretrained(out)
 
 
-def resolve(path) -> tuple[Path, str]:
-    """(checkpoint tag dir, the model.pretrained it was trained from) for a run dir or checkpoint dir."""
+def resolve(path) -> tuple[Path, str | None]:
+    """(checkpoint tag dir, the model.pretrained it was trained from, None for a from-scratch AutoEP model)."""
     root, tag = rundir.resolve_checkpoint(path)
     tag_dir = root / tag
-    pretrained = rundir.read_run_config(tag_dir)["config"]["model"].get("pretrained")
+    model = rundir.read_run_config(tag_dir)["config"]["model"]
+    pretrained = model.get("pretrained")
+    if not pretrained and model.get("backend") == "autoep":
+        return tag_dir, None  # a from-scratch model on the AutoEP path: ds_moe_div.hf.scratch_export
     if not pretrained:
         raise ExportError(f"{tag_dir} is a checkpoint of a from-scratch model (native DeepSpeed-MoE layers, no "
-                          f"model.pretrained); export supports models imported from Hugging Face")
+                          f"model.pretrained); export supports imported models and model.backend='autoep' ones")
     return tag_dir, pretrained
 
 
@@ -126,8 +129,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         tag_dir, pretrained = resolve(args.checkpoint)
-        out = export_checkpoint(tag_dir, args.out_dir, pretrained=args.pretrained or pretrained,
-                                overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+        if pretrained is None:
+            from ds_moe_div.hf.scratch_export import export_scratch
+            out = export_scratch(tag_dir, args.out_dir, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+        else:
+            out = export_checkpoint(tag_dir, args.out_dir, pretrained=args.pretrained or pretrained,
+                                    overwrite=args.overwrite, max_shard_size=args.max_shard_size)
     except (ExportError, rundir.CheckpointError, ValueError) as e:
         print(f"ds_moe_div export: error: {e}", file=sys.stderr)
         return 2
