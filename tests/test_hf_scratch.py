@@ -171,7 +171,8 @@ def test_trainer_run_logs_every_objective_evaluates_and_exports(two_ranks, tmp_p
 
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     evaluated = run_command([sys.executable, "-m", "ds_moe_div", "eval", "--run-dir", str(run_dir), "--max-batches",
-                             "1", "--permutation-seeds", "1", "--no-progress"], cwd=tmp_path, env=env, timeout=300)
+                             "1", "--permutation-seeds", "1", "--ablation", "off", "--no-progress"],
+                            cwd=tmp_path, env=env, timeout=300)
     assert evaluated.returncode == 0, evaluated.stdout[-4000:]
     report = json.loads(next((run_dir / "eval").rglob("report.json")).read_text())
     assert set(report["delta_ppl"]) >= {"layer_0", "layer_1"} and report["lm_loss"] > 0
