@@ -47,3 +47,11 @@ def test_bench_hf_prints_the_ratio_to_plain_transformers():
     for header in ("step ms", "tokens/s", "ds_moe_div (AutoEP, l_aux)", "plain transformers (grouped_mm)",
                    "ratio (ds_moe_div / plain tokens/s)"):
         assert header in out, header
+
+
+def test_bench_paths_prints_both_backends_and_the_ratio():
+    pytest.importorskip("transformers")
+    out = run_script("bench_paths.py", "--config", str(ROOT / "ds_configs" / "experiments" / "smoke.json"),
+                     "--steps", "1", "--repeats", "1", timeout=180)
+    for header in ("ms/step", "native", "autoep", "ratio (autoep / native step time)", "load average"):
+        assert header in out, header
