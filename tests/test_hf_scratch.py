@@ -155,6 +155,25 @@ def test_ep2_zero2_step_equals_one_process(two_ranks):
         assert (got - value).abs().max().item() <= 1e-5 * max(value.abs().max().item(), 1e-6), name
 
 
+def _scored_in_one_process(rank, world_size, run_dir):
+    from ds_moe_div.evaluation.generation import generate
+    from ds_moe_div.evaluation.loading import load_model_only
+
+    loaded = load_model_only(run_dir)
+    scorer = loaded.scorer()
+    return {"logits": scorer.logits(torch.arange(2, 34).view(2, 16)),
+            "generated": generate(scorer, "def add(a, b):", max_new_tokens=4)}
+
+
+@pytest.mark.slow
+def test_generation_and_scoring_load_the_checkpoint_in_one_process(two_ranks):
+    ranks, run_dir = two_ranks
+    [one] = run_on_ranks(_scored_in_one_process, world_size=1, timeout=300, args=(str(run_dir),))
+    assert (one["logits"] - ranks[0]["logits"]).abs().max().item() <= 1e-5
+    generated = one["generated"]
+    assert len(generated.token_ids) <= 4 and generated.stop_reason in ("eos", "max_new_tokens")
+
+
 @pytest.mark.slow
 def test_trainer_run_logs_every_objective_evaluates_and_exports(two_ranks, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

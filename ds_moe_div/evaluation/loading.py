@@ -178,8 +178,16 @@ def load_model_only(path, *, tag: str | None = None) -> LoadedModel:
     set_cpu_threads(info)
     cfg = eval_config(run_config["config"], 1)
     vocab = int(run_config["architecture"]["vocab_size"])
-    model = MoELanguageModel(cfg.model, vocab_size=vocab, seq_len=cfg.data.seq_len, seed=cfg.train.seed, ep_rank=0)
-    engine, dtype = _engine(model, 1, 1)
+    if cfg.model.backend == "autoep" and not cfg.model.pretrained:  # from scratch on the AutoEP path
+        from ds_moe_div.hf import autoep, scratch
+        model = scratch.build_scratch(cfg.model, vocab_size=vocab, seq_len=cfg.data.seq_len, seed=cfg.train.seed)
+        engine, dtype = _engine(model, 1, 1, autoep=model.autoep_block(ep_size=1))
+        model.attach_routing()
+        if cfg.objectives.balance.method == "loss_free":  # route as trained: with the checkpoint's expert_bias
+            autoep.enable_expert_bias(model)
+    else:
+        model = MoELanguageModel(cfg.model, vocab_size=vocab, seq_len=cfg.data.seq_len, seed=cfg.train.seed, ep_rank=0)
+        engine, dtype = _engine(model, 1, 1)
     arch = checkpoint.architecture(to_dict(cfg.model), vocab, tokenizer=tokenizer_file)
     checkpoint.load(engine, tag_dir, arch=arch, rank=0, module_only=True)
     engine.eval()

@@ -30,8 +30,9 @@ from ds_moe_div.data.loader import IGNORE_INDEX
 
 @contextlib.contextmanager
 def dropless(model):
-    """Within the block no MoE layer of `model` drops tokens for capacity (restored afterwards)."""
-    gates = [layer.gate for layer in model.moe_layers()]
+    """Within the block no MoE layer of `model` drops tokens for capacity (restored afterwards); AutoEP's
+    layers (their router has no `drop_tokens`) are dropless already."""
+    gates = [layer.gate for layer in model.moe_layers() if hasattr(getattr(layer, "gate", None), "drop_tokens")]
     saved = [gate.drop_tokens for gate in gates]
     try:
         for gate in gates:
