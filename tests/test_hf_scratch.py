@@ -3,7 +3,8 @@
 Fast: the config mapping, the checks, seeded initialisation. Slow (one 2-rank spawn shared by the module):
 (a) one step of the scratch model under DeepSpeed with EP=2 and ZeRO-2 equals one process on the
 concatenated batch (loss, and every weight after an SGD step, i.e. the gradients); (b) the trainer runs it
-with every objective on and logs the routing statistics; its checkpoint evaluates (`eval`), exports
+with every objective on and logs the routing statistics; a run resumed from its step-1 checkpoint continues
+exactly; its checkpoint evaluates (`eval`), loads into one process for scoring and generation, exports
 (`export`) and reloads in plain transformers with the same logits, and `model.generate` runs.
 """
 from __future__ import annotations
@@ -105,17 +106,21 @@ def _one_step(rank):
     return {"loss": loss.item(), "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
 
 
-def _train(run_dir):
+def _train(run_dir, *extra):
     from ds_moe_div.session import build
     from ds_moe_div.train import run
 
     cfg = load_experiment(SMOKE, [*AUTOEP, "model.moe.ep_size=2", f"train.run_dir={run_dir}", "train.steps=2",
                                   "train.log_interval=1", "train.eval_interval=2", "train.eval_batches=1",
-                                  "train.save_interval=2", "train.heatmap_interval=2", "train.show_progress=false"])
+                                  "train.save_interval=2", "train.heatmap_interval=2", "train.show_progress=false",
+                                  *extra])
     ds = json.loads(DS_ZERO2.read_text())
     ds["scheduler"]["params"].update(warmup_num_steps=1, warmup_min_ratio=1.0)  # steps that move the weights
     state = build(cfg, ds)
-    run(state)
+    try:
+        run(state)
+    finally:
+        state.close()  # releases the run dir for the next run in this process
     with torch.no_grad():
         return state.engine.module.logits(torch.arange(2, 34).view(2, 16))
 
@@ -155,6 +160,29 @@ def test_ep2_zero2_step_equals_one_process(two_ranks):
         assert (got - value).abs().max().item() <= 1e-5 * max(value.abs().max().item(), 1e-6), name
 
 
+def _resumed_on_ranks(rank, world_size, run_dir):
+    _train(run_dir, "train.steps=1", "train.save_interval=1")
+    return _train(run_dir, "train.resume=true")
+
+
+def _scalars(run_dir) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(Path(run_dir) / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly_like_the_uninterrupted_run(two_ranks, tmp_path):
+    """Step 1, checkpoint (experts in per-EP-rank files), resume, step 2: as the 2-step run of the fixture."""
+    ranks, run_dir = two_ranks
+    resumed = run_on_ranks(_resumed_on_ranks, world_size=2, timeout=600, args=(str(tmp_path / "run"),))
+    assert (resumed[0] - ranks[0]["logits"]).abs().max().item() <= 1e-5
+    full, again = _scalars(run_dir), _scalars(tmp_path / "run")
+    for tag in ("train/lm_loss", "moe/divergence_unscaled", "moe/orthogonality_unscaled", "moe/variance_unscaled"):
+        assert again[tag][2] == pytest.approx(full[tag][2], rel=1e-5, abs=1e-6), tag
+
+
 def _scored_in_one_process(rank, world_size, run_dir):
     from ds_moe_div.evaluation.generation import generate
     from ds_moe_div.evaluation.loading import load_model_only
@@ -176,13 +204,10 @@ def test_generation_and_scoring_load_the_checkpoint_in_one_process(two_ranks):
 
 @pytest.mark.slow
 def test_trainer_run_logs_every_objective_evaluates_and_exports(two_ranks, tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ranks, run_dir = two_ranks
-    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
-    acc.Reload()
-    tags = set(acc.Tags()["scalars"])
+    tags = set(_scalars(run_dir))
     for term in TERMS:
         assert {f"moe/{term}", f"moe/{term}_unscaled", f"moe/{term}/layer_0", f"moe/{term}/layer_1"} <= tags, term
     assert {"routing/d_inter/layer_0", "routing/mi/layer_1", "routing/expert_output_norm/mean"} <= tags
