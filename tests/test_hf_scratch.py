@@ -234,3 +234,21 @@ def test_trainer_run_logs_every_objective_evaluates_and_exports(two_ranks, tmp_p
     generated = reloaded.generate(**prompt, max_new_tokens=5, do_sample=False)
     assert generated.shape[1] > prompt["input_ids"].shape[1]
     assert reloaded.generation_config.eos_token_id == tokenizer.eos_token_id
+
+
+def test_activation_checkpointing_gives_the_same_loss_gradients_and_records():
+    grads, records = [], []
+    for recompute in (False, True):
+        cfg = load_experiment(SMOKE, [*AUTOEP, f"model.activation_checkpointing={str(recompute).lower()}"])
+        model = build_scratch(cfg.model, vocab_size=100, seq_len=32, seed=2)
+        model.convert()
+        assert model.hf_model.is_gradient_checkpointing == recompute and model.training
+        ids, labels = batch(100, seed=3)
+        out = model(ids, labels_BS=labels, collect_expert_outputs=True)
+        _objective(out).backward()
+        records.append(len(out.routing))
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert records == [2, 2]  # the recomputation adds no routing record
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7, msg=name)
