@@ -215,7 +215,7 @@ def test_trainer_run_logs_every_objective_evaluates_and_exports(two_ranks, tmp_p
 
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     evaluated = run_command([sys.executable, "-m", "ds_moe_div", "eval", "--run-dir", str(run_dir), "--max-batches",
-                             "1", "--permutation-seeds", "1", "--ablation", "off", "--no-progress"],
+                             "1", "--permutation-seeds", "1", "--no-progress"],
                             cwd=tmp_path, env=env, timeout=300)
     assert evaluated.returncode == 0, evaluated.stdout[-4000:]
     report = json.loads(next((run_dir / "eval").rglob("report.json")).read_text())
@@ -252,3 +252,19 @@ def test_activation_checkpointing_gives_the_same_loss_gradients_and_records():
     assert grads[0].keys() == grads[1].keys()
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_expert_ablation_is_skipped_on_auto_and_refused_on_demand_for_autoep_layers():
+    from types import SimpleNamespace
+
+    from ds_moe_div.evaluation.tasks import run_ablation, supports_ablation
+    model = build_scratch(load_experiment(SMOKE, AUTOEP).model, vocab_size=100, seq_len=32, seed=0)
+    model.convert()
+    layers = model.moe_layers()
+    assert not supports_ablation(layers)
+    base = SimpleNamespace(per_domain={"code": None, "prose": None})
+    call = {"run_pass": None, "layers": layers, "layer_ids": [0, 1], "stats": None, "base": base, "k": 2,
+            "num_experts": 4, "progress": None}
+    assert run_ablation(SimpleNamespace(ablation="auto", ablation_top_m=None), **call) == {}
+    with pytest.raises(ValueError, match="--ablation off"):
+        run_ablation(SimpleNamespace(ablation="on", ablation_top_m=None), **call)
