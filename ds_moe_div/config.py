@@ -47,7 +47,8 @@ class MoEConfig:
 
 
 # Keys of DeepSpeed's native capacity-based gate that AutoEP's dropless layer does not have.
-NATIVE_ONLY_MOE_KEYS = ("capacity_factor", "eval_capacity_factor", "min_capacity", "drop_tokens", "noisy_gate_policy",
+# (drop_tokens=false is what AutoEP does anyway, so only the capacity keys proper are listed.)
+NATIVE_ONLY_MOE_KEYS = ("capacity_factor", "eval_capacity_factor", "min_capacity", "noisy_gate_policy",
                         "top2_2nd_expert_sampling", "use_rts", "use_residual")
 
 
