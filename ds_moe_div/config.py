@@ -79,7 +79,7 @@ class ModelConfig:
     # "autoep": this config as a small Hugging Face `family` model (transformers' from_config) on DeepSpeed's
     # dropless AutoEP layer, the path of imported models (ds_moe_div/hf/scratch.py).
     backend: Literal["native", "autoep"] = "native"
-    family: Literal["qwen3_moe"] = "qwen3_moe"
+    family: Literal["qwen3_moe", "deepseek_v3"] = "qwen3_moe"
 
     def __post_init__(self):
         if self.backend == "autoep" and self.pretrained is None:

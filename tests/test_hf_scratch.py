@@ -268,3 +268,35 @@ def test_expert_ablation_is_skipped_on_auto_and_refused_on_demand_for_autoep_lay
     assert run_ablation(SimpleNamespace(ablation="auto", ablation_top_m=None), **call) == {}
     with pytest.raises(ValueError, match="--ablation off"):
         run_ablation(SimpleNamespace(ablation="on", ablation_top_m=None), **call)
+
+
+def test_deepseek_v3_shape():
+    cfg = load_experiment(TINY, [*AUTOEP, "model.family=deepseek_v3", "model.moe.first_dense_layers=1"])
+    hf = scratch_config(cfg.model, vocab_size=300, seq_len=128)
+    assert (hf.model_type, hf.n_routed_experts, hf.num_experts_per_tok, hf.first_k_dense_replace) == \
+        ("deepseek_v3", 8, 2, 1)
+    assert (hf.qk_rope_head_dim, hf.qk_nope_head_dim, hf.v_head_dim, hf.n_shared_experts, hf.n_group) == \
+        (16, 16, 32, 0, 1)
+    with pytest.raises(ValueError, match="layer_pattern='all'"):
+        scratch_config(load_experiment(TINY, [*AUTOEP, "model.family=deepseek_v3",
+                                              "model.moe.layer_pattern=every_other"]).model, vocab_size=300, seq_len=8)
+
+
+def _loss_free_deepseek_v3(rank, world_size, run_dir):
+    return _train(run_dir, "model.moe.ep_size=1", "model.family=deepseek_v3", "objectives.balance.method=loss_free",
+                  "train.eval_interval=5")
+
+
+@pytest.mark.slow
+def test_loss_free_deepseek_v3_exports_its_bias_as_e_score_correction_bias(tmp_path):
+    """Loss-Free Balancing's selection bias survives export only where the family has one: DeepSeek-V3."""
+    from transformers import AutoModelForCausalLM
+
+    run_dir = tmp_path / "run"
+    [logits] = run_on_ranks(_loss_free_deepseek_v3, world_size=1, timeout=300, args=(str(run_dir),))
+    assert cli.main(["export", str(run_dir), str(tmp_path / "hf")]) == 0
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True, dtype=torch.float32).eval()
+    biases = [b for n, b in reloaded.named_buffers() if n.endswith("e_score_correction_bias")]
+    assert len(biases) == 2 and all(torch.count_nonzero(b) > 0 for b in biases)  # the trained Loss-Free bias
+    with torch.no_grad():
+        assert (reloaded(torch.arange(2, 34).view(2, 16)).logits - logits).abs().max().item() <= 1e-5
