@@ -82,6 +82,8 @@ class ModelConfig:
     family: Literal["qwen3_moe", "deepseek_v3"] = "qwen3_moe"
 
     def __post_init__(self):
+        _require(self.pretrained is None or self.family == "qwen3_moe", f"model.family={self.family!r} with "
+                 f"model.pretrained: the checkpoint's config.json decides the family; remove model.family")
         if self.backend == "autoep" and self.pretrained is None:
             keys = _set_native_keys(self.moe)
             _require(not keys, f"model.backend='autoep' runs DeepSpeed's dropless AutoEP layer, which has no "

@@ -59,6 +59,8 @@ def test_native_only_keys_refused_with_autoep():
         load_experiment(TINY, [*AUTOEP, "model.moe.capacity_factor=2.0", "model.moe.noisy_gate_policy=RSample"])
     with pytest.raises(ValueError, match="model.family"):
         load_experiment(TINY, [*AUTOEP, "model.family=mixtral"])
+    with pytest.raises(ValueError, match="checkpoint's config.json decides the family"):
+        load_experiment(TINY, ["model.pretrained=models/x", "model.family=deepseek_v3"])
 
 
 def test_seeded_init_and_autoep_layers_where_the_config_says():
