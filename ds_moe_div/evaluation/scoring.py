@@ -30,8 +30,9 @@ from ds_moe_div.data.loader import IGNORE_INDEX
 
 @contextlib.contextmanager
 def dropless(model):
-    """Within the block no MoE layer of `model` drops tokens for capacity (restored afterwards)."""
-    gates = [layer.gate for layer in model.moe_layers()]
+    """Within the block no MoE layer of `model` drops tokens for capacity (restored afterwards). AutoEP
+    layers (imported models) are dropless already."""
+    gates = [layer.gate for layer in model.moe_layers() if hasattr(layer, "gate")]
     saved = [gate.drop_tokens for gate in gates]
     try:
         for gate in gates:
