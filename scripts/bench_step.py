@@ -67,6 +67,8 @@ def parse_args():
     p.add_argument("--domains", type=int, default=3)
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant per round")
     p.add_argument("--repeats", type=int, default=5, help="rounds over all variants")
+    p.add_argument("--paper-only", action="store_true",
+                   help="only the paper metrics' isolated costs (against the best of 3 L_aux steps)")
     p.add_argument("--local_rank", type=int, default=-1)
     return p.parse_args()
 
@@ -134,6 +136,10 @@ def main():
                                                  num_experts=args.experts, k=args.k, layer_ids=layer_ids,
                                                  window_steps=args.steps, paper_metrics=paper_on), overlap)
     names = [f"domain{i}" for i in range(args.domains)]
+    if args.paper_only:
+        window = LogWindow(accumulators["aux + routing"][0], names)
+        step = _best_of(lambda: train_step(engine, batches, composers["aux + routing"], window, step=0), 3, device)
+        return paper_cost(args, engine, batches, layer_ids, names, device, step)
     times = {name: [] for name in composers}
     for round_id in range(args.repeats + 1):  # round 0 warms up every variant
         for name, composer in composers.items():
@@ -220,6 +226,19 @@ def paper_cost(args, engine, batches, layer_ids, names, device, step_time: float
         extra = costs[name] - costs["off"]
         print(f"  {name:16s} +{extra * 1e3:.3f} ms/step = {extra / step_time:+.3%} (target <= +2%; routing stats "
               f"alone {costs['off'] * 1e3:.3f} ms)")
+    # Expert Overlap also makes the model hand out its experts' outputs (another combine path): forward +
+    # backward of the bare module, best of a few, with and without.
+    model = engine.module
+
+    def fwd_bwd(collect: bool):
+        model.zero_grad(set_to_none=True)
+        model(batch["input_ids"], labels_BS=batch["labels"], collect_expert_outputs=collect).lm_loss.backward()
+    plain, collected = math.inf, math.inf
+    for _ in range(max(3, repeats // 2)):  # interleaved, so that the machine's load hits both alike
+        plain = min(plain, _best_of(lambda: fwd_bwd(False), 1, device))
+        collected = min(collected, _best_of(lambda: fwd_bwd(True), 1, device))
+    print(f"  collecting expert outputs: forward+backward {plain * 1e3:.1f} -> {collected * 1e3:.1f} ms "
+          f"({collected / plain - 1:+.2%})")
 
 
 def paired_ratio(times: list[float], reference: list[float]) -> tuple[float, float, float]:

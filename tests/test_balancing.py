@@ -231,8 +231,10 @@ def _train_save_resume(rank, world_size, tmp):
     trained = [b.clone() for b in state.balancer.biases]
     state.close()  # releases the run dir's lock for the resumed session
     resumed = build(load_experiment(root / "ds_configs" / "experiments" / "smoke.json", [*overrides, "train.resume=true"]), ds)
+    from ds_moe_div.evaluation.loading import load_for_eval
+    evaluated = load_for_eval(f"{tmp}/run", show_progress=False).model.moe_layers()  # eval routes with the bias
     return {"trained": trained, "resumed": [b.clone() for b in resumed.balancer.biases], "step": resumed.step,
-            "counts": counts, "scalars": scalars}
+            "counts": counts, "scalars": scalars, "evaluated": [m.gate._buffers[BUFFER].clone() for m in evaluated]}
 
 
 class _Bar:
@@ -253,6 +255,7 @@ def test_bias_is_trained_checkpointed_and_resumed_bit_exactly(tmp_path):
         for layer, (trained, resumed, other) in enumerate(zip(rank["trained"], rank["resumed"], ranks[0]["trained"])):
             assert trained.dtype == torch.float32
             assert torch.equal(trained, resumed) and torch.equal(trained, other)
+            assert torch.equal(trained, rank["evaluated"][layer])
             # Replaying the update on the step's global counts (identical on both ranks) gives the bias.
             want = torch.zeros(4)
             for step_counts, other_counts in zip(rank["counts"], ranks[0]["counts"]):

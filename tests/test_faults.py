@@ -125,7 +125,8 @@ def _crash_points(rank, world_size, tmp):
     from ds_moe_div.train import train_step
 
     run_dir = Path(tmp) / "r"
-    cfg = load_experiment(SMOKE, [f"train.run_dir={run_dir}", "train.show_progress=false"])
+    # log_interval 6: no logging window ends inside these 6 steps (this loop never flushes it)
+    cfg = load_experiment(SMOKE, [f"train.run_dir={run_dir}", "train.show_progress=false", "train.log_interval=6"])
     state = build(cfg, json.loads(DS_ZERO2.read_text()))
     out = {"pid": os.getpid()}
     try:
@@ -199,7 +200,8 @@ def _resume_losses(rank, world_size, run_dir, tag, steps):
     from ds_moe_div.session import build
     from ds_moe_div.train import train_step
 
-    cfg = load_experiment(SMOKE, [f"train.run_dir={run_dir}", "train.show_progress=false", f"train.resume_from={tag}"])
+    cfg = load_experiment(SMOKE, [f"train.run_dir={run_dir}", "train.show_progress=false", f"train.resume_from={tag}",
+                                  "train.log_interval=6"])
     state = build(cfg, json.loads(DS_ZERO2.read_text()))
     start, losses = state.step, []
     while state.step < steps:

@@ -222,6 +222,7 @@ def test_trainer_run_logs_every_objective_evaluates_and_exports(two_ranks, tmp_p
     assert evaluated.returncode == 0, evaluated.stdout[-4000:]
     report = json.loads(next((run_dir / "eval").rglob("report.json")).read_text())
     assert set(report["delta_ppl"]) >= {"layer_0", "layer_1"} and report["lm_loss"] > 0
+    assert report["ablation"]["masked"] and report["ablation"]["keep_k"]  # AutoEP's routing override
 
     out = tmp_path / "hf"
     assert cli.main(["export", str(run_dir), str(out), "--max-shard-size", "100KB"]) == 0
@@ -254,22 +255,6 @@ def test_activation_checkpointing_gives_the_same_loss_gradients_and_records():
     assert grads[0].keys() == grads[1].keys()
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7, msg=name)
-
-
-def test_expert_ablation_is_skipped_on_auto_and_refused_on_demand_for_autoep_layers():
-    from types import SimpleNamespace
-
-    from ds_moe_div.evaluation.tasks import run_ablation, supports_ablation
-    model = build_scratch(load_experiment(SMOKE, AUTOEP).model, vocab_size=100, seq_len=32, seed=0)
-    model.convert()
-    layers = model.moe_layers()
-    assert not supports_ablation(layers)
-    base = SimpleNamespace(per_domain={"code": None, "prose": None})
-    call = {"run_pass": None, "layers": layers, "layer_ids": [0, 1], "stats": None, "base": base, "k": 2,
-            "num_experts": 4, "progress": None}
-    assert run_ablation(SimpleNamespace(ablation="auto", ablation_top_m=None), **call) == {}
-    with pytest.raises(ValueError, match="--ablation off"):
-        run_ablation(SimpleNamespace(ablation="on", ablation_top_m=None), **call)
 
 
 def test_deepseek_v3_shape():

@@ -1,5 +1,6 @@
 """`model.pretrained` through the normal trainer: checks at config time, then one 2-rank EP=2 ZeRO-2 run with
-every objective on (the shipped ds_config), a checkpoint, `ds-moe-div eval` (held-out PPL, router-permutation
+every objective on (the shipped ds_config), checkpoints, resume from step 1 equal to the uninterrupted step 2,
+`ds-moe-div eval` (held-out PPL, router-permutation
 delta-PPL, routing statistics), `ds-moe-div export` and a reload in transformers.
 """
 from __future__ import annotations
@@ -62,26 +63,49 @@ def test_checkpoint_tokenizer_and_autoep_block(tiny_dirs):
         with_autoep({"expert_parallel": {"enabled": True, "autoep_size": 1}}, Stub(), ep_size=2)
 
 
+def _scalars(log_dir) -> dict[str, dict[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
 def _train_on_ranks(rank, world_size, pretrained, run_dir):
+    import shutil
+
+    import torch.distributed as dist
+
     from ds_moe_div.session import build
     from ds_moe_div.train import run
 
-    coefs = [f"objectives.{t}.coef=0.01" for t in TERMS]
-    cfg = load_experiment(None, [f"model.pretrained={pretrained}", "model.moe.ep_size=2", "data.seq_len=32",
-                                 f"data.cache_dir={run_dir}/cache", f"train.run_dir={run_dir}", "train.steps=2",
-                                 "train.log_interval=1", "train.eval_interval=2", "train.eval_batches=1",
-                                 "train.save_interval=2", "train.heatmap_interval=2", "train.show_progress=false",
-                                 *coefs])
+    def config(directory, *extra):
+        coefs = [f"objectives.{t}.coef=0.01" for t in TERMS]
+        return load_experiment(None, [f"model.pretrained={pretrained}", "model.moe.ep_size=2", "data.seq_len=32",
+                                      f"data.cache_dir={run_dir}/cache", f"train.run_dir={directory}", "train.steps=2",
+                                      "train.log_interval=1", "train.eval_interval=2", "train.eval_batches=1",
+                                      "train.save_interval=1", "train.heatmap_interval=2", "train.show_progress=false",
+                                      *coefs, *extra])
+
     ds = json.loads(DS_ZERO2.read_text())
     ds["scheduler"]["params"].update(warmup_num_steps=1, warmup_min_ratio=1.0)  # steps that move the weights
-    state = build(cfg, ds)
+    state = build(config(run_dir), ds)
     model = state.engine.module
     run(state)
     ids = torch.arange(2, 34).view(2, 16)
     with torch.no_grad():
         logits = model.logits(ids)
-    return {"logits": logits, "local": model.moe_layers()[0].num_local_experts,
-            "counts_after_step": float(model.moe_layers()[0].tokens_per_expert.sum())}
+    result = {"logits": logits, "local": model.moe_layers()[0].num_local_experts,
+              "counts_after_step": float(model.moe_layers()[0].tokens_per_expert.sum())}
+    # Resume from the step-1 checkpoint in a copy of the run: step 2 must repeat exactly.
+    resumed_dir = f"{run_dir}_resumed"
+    if rank == 0:
+        shutil.copytree(f"{run_dir}/checkpoints/global_step1", f"{resumed_dir}/checkpoints/global_step1")
+        Path(f"{resumed_dir}/checkpoints/latest").write_text("global_step1")
+    dist.barrier()
+    state = build(config(resumed_dir, "train.resume=true"), ds)
+    assert state.step == 1
+    run(state)
+    return result
 
 
 @pytest.mark.slow
@@ -90,6 +114,10 @@ def test_pretrained_run_with_every_objective_exports_to_transformers(tiny_dirs, 
     ranks = run_on_ranks(_train_on_ranks, world_size=2, timeout=600, args=(str(tiny_dirs["olmoe"]), str(run_dir)))
     assert all(r["local"] == 4 for r in ranks)  # 8 experts over EP=2
     assert all(r["counts_after_step"] == 0 for r in ranks)  # AutoEP's counter restarts every step
+    first, resumed = _scalars(run_dir / "tensorboard"), _scalars(Path(f"{run_dir}_resumed") / "tensorboard")
+    for tag in ["train/lm_loss", *(f"moe/{t}_unscaled" for t in TERMS)]:
+        assert resumed[tag][2] == pytest.approx(first[tag][2], rel=1e-6, abs=1e-9), tag
+    assert "routing/mutual_information" in first or any(t.startswith("routing/") for t in first)
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["model"]["pretrained"] == str(tiny_dirs["olmoe"])
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))

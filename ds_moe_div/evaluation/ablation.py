@@ -7,7 +7,8 @@
     result = expert_ablation(run_pass, layers, layer_ids, frequencies, base, top_m=2)
     result = keep_k_evaluation(run_pass, layers, base)
 
-Masking sets the logits of the masked experts to -inf in our gate (`RoutingGate.routing_override`) before
+Masking sets the logits of the masked experts to -inf in our gate (`RoutingGate.routing_override`; on
+imported models the AutoEP layer's, which also blocks them with a -inf selection bias) before
 DeepSpeed's top-k: the model behaves as if those experts did not exist (router probabilities are the
 softmax over the remaining experts, each token takes its top-k among them); no weight is edited, and the
 previous override is restored on exit. Ablation: for each domain d, mask in every MoE layer the top_m
@@ -48,32 +49,45 @@ def routing_overrides(layers: Sequence, overrides: Sequence[RoutingOverride | No
     """Install one override per layer (None: none) for the block; the previous ones come back after."""
     if len(layers) != len(overrides):
         raise ValueError(f"{len(overrides)} overrides for {len(layers)} layers")
-    saved = [layer.gate.routing_override for layer in layers]
+    saved = [_router(layer).routing_override for layer in layers]
     try:
         for layer, override in zip(layers, overrides):
-            layer.gate.routing_override = override
+            _router(layer).routing_override = override
         yield
     finally:
         for layer, previous in zip(layers, saved):
-            layer.gate.routing_override = previous
+            _router(layer).routing_override = previous
+
+
+def _router(layer):
+    """Where a layer's routing override lives: the native layer's RoutingGate, or the AutoEP layer itself
+    (ds_moe_div/hf/autoep.py; AutoEP's presets alias its router as `gate`, which has no override)."""
+    gate = getattr(layer, "gate", None)
+    return gate if hasattr(gate, "routing_override") else layer
+
+
+def _num_experts_k(layer) -> tuple[int, int]:
+    gate = getattr(layer, "gate", None)
+    if hasattr(gate, "wg"):  # the native RoutingGate
+        return gate.wg.weight.shape[0], gate.k
+    return layer.num_experts, layer.router.top_k
 
 
 def masked_experts(layers: Sequence, masked: Sequence[Sequence[int]]):
     """masked[i]: experts layer i may not select (at least its k experts must remain)."""
     for layer, experts in zip(layers, masked):
-        gate = layer.gate
-        num_experts = gate.wg.weight.shape[0]
-        if num_experts - len(set(experts)) < gate.k:
-            raise ValueError(f"masking {len(set(experts))} of {num_experts} experts leaves fewer than k={gate.k}")
-    return routing_overrides(layers, [RoutingOverride(m, num_experts=layer.gate.wg.weight.shape[0])
+        num_experts, k = _num_experts_k(layer)
+        if num_experts - len(set(experts)) < k:
+            raise ValueError(f"masking {len(set(experts))} of {num_experts} experts leaves fewer than k={k}")
+    return routing_overrides(layers, [RoutingOverride(m, num_experts=_num_experts_k(layer)[0])
                                       for layer, m in zip(layers, masked)])
 
 
 def keep_k(layers: Sequence, k: int):
     """Every layer routes each token to its top-k experts (1 <= k <= the layer's own k)."""
     for layer in layers:
-        if not 1 <= k <= layer.gate.k:
-            raise ValueError(f"keep-k needs 1 <= k' <= k = {layer.gate.k}; got {k}")
+        if not 1 <= k <= _num_experts_k(layer)[1]:
+            raise ValueError(f"keep-k needs 1 <= k' <= k = {_num_experts_k(layer)[1]}; got {k}")
     return routing_overrides(layers, [RoutingOverride(k=k) for _ in layers])
 
 
@@ -133,7 +147,7 @@ def expert_ablation(run_pass: Callable[[], LossSummary], layers: Sequence, layer
 def keep_k_evaluation(run_pass: Callable[[], LossSummary], layers: Sequence, base: LossSummary,
                       progress: Callable[[str], None] = lambda _: None) -> dict:
     """{"k=<k'>": changes against the model} for k' = 1 .. k-1 ({} when k = 1)."""
-    k = min(layer.gate.k for layer in layers)
+    k = min(_num_experts_k(layer)[1] for layer in layers)
     out = {}
     for kept in range(1, k):
         progress(f"keep k={kept}")

@@ -142,6 +142,8 @@ def evaluate(args) -> dict:
     split, names, column, labels = _held_out(loaded, args.split, args.domain_column, as_trained)
     eval_tasks.check_tasks(args, info.world_size)
     # With a batch budget, every class gets held-out rows first (stratify.py); the whole split otherwise.
+    # The tasks (cloze) draw from the whole split, not the rows chosen for the batch budget.
+    task_split = split
     split, class_rows = stratify.select(split, max_batches=args.max_batches,
                                         global_batch=loaded.micro_batch_size * info.world_size)
     loader = BatchLoader(split, micro_batch_size=loaded.micro_batch_size, rank=info.rank,
@@ -175,7 +177,7 @@ def evaluate(args) -> dict:
     ablation = eval_tasks.run_ablation(args, run_pass, layers, layer_ids, stats, base, k=k,
                                        num_experts=num_experts, progress=bar.set_postfix_str)
     bar.close()
-    task_results = eval_tasks.run_tasks(args, loaded, split, names)
+    task_results = eval_tasks.run_tasks(args, loaded, task_split, names)
     out_dir = Path(args.out) if args.out else default_out(loaded, args.split, column, as_trained=as_trained)
     report = {
         "checkpoint": str(loaded.tag_dir), "run_dir": str(loaded.run_dir), "tag": loaded.tag_dir.name,

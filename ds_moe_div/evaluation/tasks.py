@@ -47,11 +47,6 @@ def ablation_enabled(args, num_domains: int) -> bool:
     return args.ablation == "on" or (args.ablation == "auto" and num_domains <= MAX_AUTO_ABLATION_DOMAINS)
 
 
-def supports_ablation(layers) -> bool:
-    """The layers' gates take a routing override (native RoutingGate; not AutoEP's router)."""
-    return all(hasattr(getattr(layer, "gate", None), "routing_override") for layer in layers)
-
-
 def ablation_passes(args, num_domains: int, k: int, num_experts: int) -> int:
     from ds_moe_div.evaluation.ablation import default_top_m
 
@@ -66,12 +61,6 @@ def run_ablation(args, run_pass, layers, layer_ids, stats, base, *, k: int, num_
     from ds_moe_div.evaluation.ablation import default_top_m, expert_ablation, keep_k_evaluation
 
     if not ablation_enabled(args, len(base.per_domain)):
-        return {}
-    if not supports_ablation(layers):
-        if args.ablation == "on":
-            raise ValueError("--ablation on: expert ablation and keep-k override the routing of ds_moe_div's native "
-                             "MoE layers; DeepSpeed AutoEP layers (imported or model.backend='autoep' models) have "
-                             "no such override yet: use --ablation off")
         return {}
     top_m = args.ablation_top_m if args.ablation_top_m is not None else default_top_m(num_experts, k)
     if not 1 <= top_m <= num_experts - k:

@@ -75,18 +75,14 @@ class RoutingAutoEPLayer(AutoEPMoELayer):
         bsz, seqlen, hdim = hidden_states.shape
         x_TH = hidden_states.reshape(-1, hdim)
         seen = []
-        hook = self.router.gate.register_forward_hook(lambda module, args, out: seen.append(out))
-        try:
-            ro = RouterOutput(*self.router(x_TH, self.expert_bias))
-        finally:
-            hook.remove()
+        ro = self._route(x_TH, seen)
         sink = self._routing_sink
         # Only captured training forwards count: not a recomputation in backward, not an evaluation.
         if sink is not None and self.training:
             with torch.no_grad():
                 self.tokens_per_expert.add_(ro.num_tokens_per_expert)
         order = torch.argsort(ro.selected_experts.view(-1), stable=True)
-        routed = x_TH[order // self.top_k]
+        routed = x_TH[order // ro.selected_experts.shape[1]]
         if self.ep_size == 1:
             routed, perm, counts, n = ael.permute_by_local_expert(routed, ro.num_tokens_per_expert)
             out = ael.unpermute_by_local_expert(self.experts(routed, counts), perm, n)
@@ -110,6 +106,36 @@ class RoutingAutoEPLayer(AutoEPMoELayer):
         if sink is not None:
             sink.append(record)
         return self._finalize_output(output.reshape(bsz, seqlen, hdim), x_TH, hidden_states, hdim)
+
+    # Evaluation only (evaluation/ablation.py, within a context manager): an object with `masked` (experts
+    # this layer may not select) and `k` (top-k' instead of the router's top_k, or None).
+    routing_override = None
+
+    def _route(self, x_TH: torch.Tensor, seen: list) -> RouterOutput:
+        """The router's output; the gate's logits are appended to `seen`. Under a routing override, masked
+        experts get -inf logits (scores 0, softmax over the rest) and a -inf selection bias (never chosen,
+        whatever the correction bias), and the router takes its top-k'."""
+        override, bias, hooks, top_k = self.routing_override, self.expert_bias, [], self.router.top_k
+        if override is not None and override.masked:
+            masked = list(override.masked)
+
+            def mask(module, args, out):
+                out = out.clone()
+                out[..., masked] = float("-inf")
+                return out
+            hooks.append(self.router.gate.register_forward_hook(mask))
+            block_E = torch.zeros(self.num_experts, device=x_TH.device)
+            block_E[masked] = float("-inf")
+            bias = block_E if bias is None else bias + block_E
+        hooks.append(self.router.gate.register_forward_hook(lambda module, args, out: seen.append(out)))
+        if override is not None and override.k is not None:
+            self.router.top_k = override.k
+        try:
+            return RouterOutput(*self.router(x_TH, bias))
+        finally:
+            self.router.top_k = top_k
+            for hook in hooks:
+                hook.remove()
 
     @property
     def router_weight(self) -> torch.nn.Parameter:

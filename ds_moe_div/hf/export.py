@@ -3,7 +3,8 @@
     python -m ds_moe_div export runs/olmoe_lo out/olmoe_lo_hf [--overwrite] [--max-shard-size 2GB]
     python -c "import transformers as t; t.AutoModelForCausalLM.from_pretrained('out/olmoe_lo_hf')"
 
-Reads DeepSpeed's files directly in one process: the non-expert weights from `mp_rank_00_model_states.pt`
+A checkpoint of a from-scratch model (native DeepSpeed-MoE layers) is written as a Mixtral (see
+scratch_export.py); one of `model.backend: "autoep"` as its own family (autoep_scratch_export.py). For an imported model, reads DeepSpeed's files directly in one process: the non-expert weights from `mp_rank_00_model_states.pt`
 and every routed expert from the per-expert files `layer_{L}_expert_{E}_mp_rank_00_model_states.pt` that
 each EP rank wrote for its own experts, so a checkpoint saved at any `autoep_size` exports complete
 (DeepSpeed's `save_16bit_model` under AutoEP keeps only rank 0's experts). Names go back to transformers'
@@ -28,7 +29,6 @@ import torch
 from ds_moe_div import rundir
 from ds_moe_div.cli import prog
 from ds_moe_div.hf.autoep import to_hf_state_dict
-from ds_moe_div.hf.families import Family
 from ds_moe_div.hf.load import read_config
 
 _EXPERT_KEY = re.compile(r"^(?P<base>.*\.experts\.w[123])\.(?P<e>\d+)$")
@@ -85,11 +85,44 @@ def export_checkpoint(tag_dir, out_dir, *, pretrained, overwrite: bool = False, 
     hf_config, family = read_config(pretrained)
     state = read_checkpoint_state(tag_dir, num_experts=family.num_experts(hf_config))
     model = build_hf_model(hf_config, to_hf_state_dict(state, family))
+    return _write(model, out_dir, max_shard_size, lambda tmp: _copy_tokenizer_and_generation(Path(pretrained), tmp))
+
+
+def export_scratch_checkpoint(tag_dir, out_dir, *, overwrite: bool = False, max_shard_size: str = "2GB") -> Path:
+    """Write a checkpoint of a from-scratch model (native DeepSpeed-MoE) as a Mixtral directory (see
+    scratch_export.py for what is refused), with the run's tokenizer."""
+    from transformers import GenerationConfig, PreTrainedTokenizerFast
+
+    from ds_moe_div.config import ExperimentConfig
+    from ds_moe_div.config_loader import from_dict
+    from ds_moe_div.data.tokenize import EOS, PAD
+    from ds_moe_div.hf.scratch_export import mixtral_config, mixtral_state_dict, read_native_checkpoint
+
+    tag_dir, out_dir = Path(tag_dir), Path(out_dir)
+    check_target(out_dir, overwrite=overwrite)
+    saved = rundir.read_run_config(tag_dir)
+    cfg = from_dict(ExperimentConfig, saved["config"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(rundir.tokenizer_path(tag_dir)), eos_token=EOS,
+                                        pad_token=PAD)
+    hf_config = mixtral_config(cfg.model, vocab_size=int(saved["architecture"]["vocab_size"]),
+                               seq_len=cfg.data.seq_len, eos_token_id=tokenizer.eos_token_id,
+                               pad_token_id=tokenizer.pad_token_id)
+    model = build_hf_model(hf_config, mixtral_state_dict(read_native_checkpoint(tag_dir), cfg.model))
+    generation = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+    def extras(tmp: Path) -> None:
+        tokenizer.save_pretrained(tmp)
+        generation.save_pretrained(tmp)
+    return _write(model, out_dir, max_shard_size, extras)
+
+
+def _write(model, out_dir: Path, max_shard_size: str, extras) -> Path:
+    """save_pretrained (hub per-expert layout, explicitly) + extras into a temporary sibling, then move it."""
     tmp = out_dir.parent / f".{out_dir.name}.export-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(tmp, max_shard_size=max_shard_size, save_original_format=True)
-        _copy_tokenizer_and_generation(Path(pretrained), tmp, family)
+        extras(tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
         os.replace(tmp, out_dir)
@@ -98,7 +131,7 @@ def export_checkpoint(tag_dir, out_dir, *, pretrained, overwrite: bool = False, 
     return out_dir
 
 
-def _copy_tokenizer_and_generation(pretrained: Path, out: Path, family: Family) -> None:
+def _copy_tokenizer_and_generation(pretrained: Path, out: Path) -> None:
     from transformers import AutoTokenizer, GenerationConfig
     AutoTokenizer.from_pretrained(pretrained, local_files_only=True).save_pretrained(out)
     if (pretrained / "generation_config.json").is_file():
@@ -106,17 +139,10 @@ def _copy_tokenizer_and_generation(pretrained: Path, out: Path, family: Family) 
 
 
 def resolve(path) -> tuple[Path, str | None]:
-    """(checkpoint tag dir, the model.pretrained it was trained from, None for a from-scratch AutoEP model)."""
+    """(checkpoint tag dir, the model.pretrained it was trained from, None for a from-scratch model)."""
     root, tag = rundir.resolve_checkpoint(path)
     tag_dir = root / tag
-    model = rundir.read_run_config(tag_dir)["config"]["model"]
-    pretrained = model.get("pretrained")
-    if not pretrained and model.get("backend") == "autoep":
-        return tag_dir, None  # a from-scratch model on the AutoEP path: ds_moe_div.hf.scratch_export
-    if not pretrained:
-        raise ExportError(f"{tag_dir} is a checkpoint of a from-scratch model (native DeepSpeed-MoE layers, no "
-                          f"model.pretrained); export supports imported models and model.backend='autoep' ones")
-    return tag_dir, pretrained
+    return tag_dir, rundir.read_run_config(tag_dir)["config"]["model"].get("pretrained")
 
 
 def main(argv=None) -> int:
@@ -129,12 +155,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         tag_dir, pretrained = resolve(args.checkpoint)
-        if pretrained is None:
-            from ds_moe_div.hf.scratch_export import export_scratch
-            out = export_scratch(tag_dir, args.out_dir, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
-        else:
+        if pretrained or args.pretrained:
             out = export_checkpoint(tag_dir, args.out_dir, pretrained=args.pretrained or pretrained,
                                     overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+        elif rundir.read_run_config(tag_dir)["config"]["model"].get("backend") == "autoep":
+            from ds_moe_div.hf.autoep_scratch_export import export_scratch
+            out = export_scratch(tag_dir, args.out_dir, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+        else:
+            out = export_scratch_checkpoint(tag_dir, args.out_dir, overwrite=args.overwrite,
+                                            max_shard_size=args.max_shard_size)
     except (ExportError, rundir.CheckpointError, ValueError) as e:
         print(f"ds_moe_div export: error: {e}", file=sys.stderr)
         return 2

@@ -12,7 +12,7 @@ to the experts of this rank, like the weights they adapt: they are tagged expert
 tags `w1/w2/w3` (`allreduce=False`, the layer's `ep_size_N` group), so DeepSpeed reduces their gradients
 over the expert-data-parallel group only. The router stays frozen, or trains in full (`router="full"`);
 everything else is frozen. A target that matches nothing, or a MoE layer left without its expert
-adapters, is refused (peft can skip modules silently; see ../shared/spec/hf-families.md).
+adapters, is refused (peft can skip modules silently).
 
 Not wired into the trainer yet: AutoEP replaces the MoE blocks inside `deepspeed.initialize`, after which
 peft can no longer be applied before the optimizer is built, and DeepSpeed's AutoEP checkpoints save only

@@ -1,70 +1,95 @@
-"""Export a checkpoint of a from-scratch AutoEP model (`model.backend: "autoep"`) to a Hugging Face directory.
+"""A from-scratch ds_moe_div model (`ds_moe_div.model.MoELanguageModel`) as a transformers Mixtral.
 
-    python -m ds_moe_div export runs/tiny_autoep out/tiny_hf        # the same command as imported models
-    python -c "import transformers as t; t.AutoModelForCausalLM.from_pretrained('out/tiny_hf').generate(...)"
+    hf_config = mixtral_config(cfg.model, vocab_size=4096, seq_len=256)
+    hf_state = mixtral_state_dict(model.state_dict(), cfg.model)        # or read_native_checkpoint(tag_dir)
 
-There is no source directory to copy from: the transformers config is rebuilt from the checkpoint's
-run_config.json (`ds_moe_div.hf.scratch.scratch_config`, the function the run was built with), the
-tokenizer is the checkpoint's own tokenizer.json (wrapped as a fast tokenizer with its <|pad|> and
-<|eos|>), and generation_config.json names those ids. Weights are read, renamed and written exactly as for
-imported models (`ds_moe_div.hf.export`), experts gathered from every EP rank's per-expert files.
+The architecture is Mixtral's: RMSNorm, rotary attention without bias (our fused `qkv` is split into
+q/k/v), SwiGLU experts, a softmax top-k router whose top-k weights are renormalised. Refused: what
+Mixtral cannot express (dense layers, `every_other`, residual MoE, top-1 routing, whose weight
+DeepSpeed does not renormalise) and, for equal outputs, token dropping must not happen: transformers
+is dropless, DeepSpeed's capacity is not (use a large eval_capacity_factor to compare).
 """
 from __future__ import annotations
 
-import os
-import shutil
+import re
 from pathlib import Path
 
-from ds_moe_div import rundir
-from ds_moe_div.config import ExperimentConfig
-from ds_moe_div.config_loader import from_dict
-from ds_moe_div.hf.autoep import to_hf_state_dict
-from ds_moe_div.hf.export import ExportError, build_hf_model, check_target, read_checkpoint_state
-from ds_moe_div.hf.families import FAMILIES
-from ds_moe_div.hf.scratch import scratch_config
+import torch
+
+_EXPERT = re.compile(r"^blocks\.(\d+)\.ffn\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(w_gate|w_up|w_down)\.weight$")
 
 
-def scratch_hf_config(tag_dir: Path):
-    """(transformers config, tokenizer.json path) of a from-scratch AutoEP checkpoint."""
-    from ds_moe_div.data.tokenize import load_tokenizer, special_ids
-
-    run_config = rundir.read_run_config(tag_dir)
-    cfg = from_dict(ExperimentConfig, run_config["config"])
-    if cfg.model.backend != "autoep" or cfg.model.pretrained:
-        raise ExportError(f"{tag_dir} is not a checkpoint of a from-scratch model.backend='autoep' model")
-    tokenizer_file = rundir.tokenizer_path(tag_dir)
-    if not tokenizer_file.is_file():
-        raise ExportError(f"{tokenizer_file} is missing: the checkpoint was saved without its tokenizer, which the "
-                          f"exported directory needs; copy the run's data tokenizer.json there")
-    pad_id, eos_id = special_ids(load_tokenizer(tokenizer_file))
-    hf_config = scratch_config(cfg.model, vocab_size=int(run_config["architecture"]["vocab_size"]),
-                               seq_len=cfg.data.seq_len, pad_id=pad_id, eos_id=eos_id)
-    return hf_config, tokenizer_file
+def check_exportable(model_cfg) -> None:
+    moe = model_cfg.moe
+    problems = [what for what, bad in (
+        ("moe.first_dense_layers > 0 (Mixtral has no dense layers)", moe.first_dense_layers > 0),
+        ("moe.layer_pattern='every_other'", moe.layer_pattern != "all"),
+        ("moe.use_residual=true", moe.use_residual),
+        ("moe.k=1 (DeepSpeed's top-1 weight is not renormalised, Mixtral's is)", moe.k == 1),
+        ("moe.noisy_gate_policy", moe.noisy_gate_policy is not None)) if bad]
+    if problems:
+        raise ValueError("this from-scratch model has no Hugging Face counterpart: " + "; ".join(problems))
 
 
-def export_scratch(tag_dir, out_dir, *, overwrite: bool = False, max_shard_size: str = "2GB") -> Path:
-    """Write the from-scratch AutoEP checkpoint in `tag_dir` as a Hugging Face directory `out_dir`."""
-    from transformers import PreTrainedTokenizerFast
+def mixtral_config(model_cfg, *, vocab_size: int, seq_len: int, eos_token_id: int | None = None,
+                   pad_token_id: int | None = None):
+    from transformers import MixtralConfig
+    check_exportable(model_cfg)
+    return MixtralConfig(vocab_size=vocab_size, hidden_size=model_cfg.d_model, intermediate_size=model_cfg.d_ff,
+                         num_hidden_layers=model_cfg.n_layers, num_attention_heads=model_cfg.n_heads,
+                         num_key_value_heads=model_cfg.n_heads, head_dim=model_cfg.d_model // model_cfg.n_heads,
+                         max_position_embeddings=seq_len, rms_norm_eps=model_cfg.norm_eps,
+                         rope_parameters={"rope_type": "default", "rope_theta": model_cfg.rope_theta},
+                         num_local_experts=model_cfg.moe.num_experts, num_experts_per_tok=model_cfg.moe.k,
+                         tie_word_embeddings=model_cfg.tie_embeddings, sliding_window=None,
+                         bos_token_id=None, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
 
-    from ds_moe_div.data.tokenize import EOS, PAD
 
-    tag_dir, out_dir = Path(tag_dir), Path(out_dir)
-    check_target(out_dir, overwrite=overwrite)
-    hf_config, tokenizer_file = scratch_hf_config(tag_dir)
-    family = FAMILIES[hf_config.model_type]
-    state = read_checkpoint_state(tag_dir, num_experts=family.num_experts(hf_config))
-    model = build_hf_model(hf_config, to_hf_state_dict(state, family))
-    model.generation_config.pad_token_id = hf_config.pad_token_id
-    model.generation_config.eos_token_id = hf_config.eos_token_id
-    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), eos_token=EOS, pad_token=PAD)
-    tmp = out_dir.parent / f".{out_dir.name}.export-tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        model.save_pretrained(tmp, max_shard_size=max_shard_size, save_original_format=True)
-        tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+def mixtral_state_dict(state: dict[str, torch.Tensor], model_cfg) -> dict[str, torch.Tensor]:
+    """Our full state dict (global expert ids) in MixtralForCausalLM's in-memory names."""
+    out: dict[str, torch.Tensor] = {}
+    experts: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
+    m = model_cfg.d_model
+    for key, value in state.items():
+        if key.startswith("rope_"):
+            continue
+        match = _EXPERT.match(key)
+        if match:
+            experts.setdefault((int(match[1]), match[3]), {})[int(match[2])] = value
+            continue
+        if key == "embed.weight":
+            out["model.embed_tokens.weight"] = value
+        elif key == "norm.weight":
+            out["model.norm.weight"] = value
+        elif key.startswith("blocks."):
+            i, rest = key.split(".", 2)[1:]
+            prefix = f"model.layers.{i}."
+            if rest == "attn.qkv.weight":
+                for name, part in zip(("q_proj", "k_proj", "v_proj"), value.split(m, dim=0)):
+                    out[f"{prefix}self_attn.{name}.weight"] = part
+            else:
+                names = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+                         "attn.proj.weight": "self_attn.o_proj.weight", "ffn.deepspeed_moe.gate.wg.weight": "mlp.gate.weight"}
+                if rest not in names:
+                    raise ValueError(f"no Mixtral counterpart for {key}")
+                out[prefix + names[rest]] = value
+        else:
+            out[key] = value
+    for (i, proj), by_id in experts.items():
+        stacked = torch.stack([by_id[e] for e in range(model_cfg.moe.num_experts)])
+        experts[(i, proj)] = stacked
+    for i in {i for i, _ in experts}:
+        prefix = f"model.layers.{i}.mlp.experts."
+        out[prefix + "gate_up_proj"] = torch.cat([experts[(i, "w_gate")], experts[(i, "w_up")]], dim=1)
+        out[prefix + "down_proj"] = experts[(i, "w_down")]
+    if model_cfg.tie_embeddings:
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    return out
+
+
+def read_native_checkpoint(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """Non-expert weights (mp_rank_00) + every expert file (global expert ids in their keys)."""
+    state = dict(torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"])
+    for file in sorted(tag_dir.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
+        state.update(torch.load(file, map_location="cpu", weights_only=False))
+    return state
