@@ -10,6 +10,8 @@ these names and functions; no other module spells a file or folder name of the l
         checkpoints/<tag>/               DeepSpeed's files, run_config.json ({config, architecture, step,
                                          shape}), tokenizer.json, rng_rank<r>.pt, and `complete`, written
                                          after everything else (a tag without it is ignored)
+        checkpoints/<tag>/universal/     DeepSpeed's universal checkpoint of the tag, made once (reshard.py)
+                                         when a resume runs on another world size or ep_size
         eval/<tag>[-<split>][-by-<column>][-as-trained]/
                                          report.json, report.md, figures/*.png, tensorboard/
         train.log, sweep_ds_config.json  written by `sweep`
@@ -28,6 +30,7 @@ LATEST = "latest"
 COMPLETE = "complete"
 LOCK = "run.lock"
 RUN_CONFIG = "run_config.json"
+UNIVERSAL = "universal"
 TOKENIZER = "tokenizer.json"
 EVAL = "eval"
 REPORT = "report.json"
@@ -174,6 +177,11 @@ def tokenizer_path(tag_dir) -> Path:
 
 def rng_path(tag_dir, rank: int) -> Path:
     return Path(tag_dir) / f"rng_rank{rank}.pt"
+
+
+def universal_dir(tag_dir) -> Path:
+    """The tag's DeepSpeed universal checkpoint (resharding; moved into place whole, so present = complete)."""
+    return Path(tag_dir) / UNIVERSAL
 
 
 def resolve_checkpoint(path) -> tuple[Path, str]:

@@ -1,0 +1,142 @@
+"""`--resume` of an imported (AutoEP) model on another cluster shape: 2 ranks EP=2 -> 1 rank EP=1 and back.
+
+Each direction: a run trains 2 steps on the saved shape (ZeRO-2, AdamW, Loss-Free Balancing, an `auto`
+variance coefficient, routing statistics), saves, records the logits on a fixed batch and goes on to step
+3 (the reference). A second run on the other shape resumes the step-2 tag (--resume-from): DeepSpeed's
+universal checkpoint is made once inside the tag and loaded; its logits on the fixed batch, its Loss-Free
+biases, calibrated coefficient and data position equal the reference's, and its step 3 (same global
+batch: micro-batch x world size = 4) gives the same loss and weights. Tolerances: logits and loss 1e-5
+relative (only the order of float reductions differs between 1 and 2 ranks); weights after the AdamW step
+LR / 20 (see ADAM_ATOL). The objective is shape-independent on purpose (LM loss, balance loss over the
+global batch): DeepSpeed's per-micro-batch l_aux would differ between 1 and 2 ranks by definition.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from ds_moe_div import rundir
+from ds_moe_div.hf.tiny import make_tiny
+from tests.dist_utils import run_on_ranks
+
+pytest.importorskip("transformers")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
+ROOT = Path(__file__).resolve().parents[1]
+DS_ZERO2 = ROOT / "ds_configs" / "ds_zero2_cpu.json"
+GLOBAL_BATCH = 4
+IDS = torch.arange(2, 50).view(3, 16)
+LR = 1e-3  # ds_zero2_cpu.json; the warm-up starts at it (warmup_min_ratio 1)
+# Adam normalises each update to about LR, so gradients that differ by float reduction order (1 vs 2 ranks)
+# move a weight by a small fraction of LR; fresh (lost) Adam moments would move most weights by ~LR.
+ADAM_ATOL = LR / 20
+
+
+def _build(pretrained, run_dir, *, world_size, extra=()):
+    from ds_moe_div.config import load_experiment
+    from ds_moe_div.session import build
+
+    cfg = load_experiment(None, [
+        f"model.pretrained={pretrained}", f"model.moe.ep_size={world_size}", "data.seq_len=16",
+        f"data.cache_dir={Path(run_dir).parent / 'cache'}", f"train.run_dir={run_dir}", "train.steps=3",
+        "train.log_interval=1", "train.eval_interval=100", "train.save_interval=100", "train.show_progress=false",
+        f"train.micro_batch_size={GLOBAL_BATCH // world_size}", "objectives.balance.method=loss_free",
+        "objectives.balance.gamma=0.01", "objectives.balance.scope=global_batch", "objectives.variance.coef=auto", *extra])
+    ds = json.loads(DS_ZERO2.read_text())
+    del ds["train_micro_batch_size_per_gpu"]
+    ds["scheduler"]["params"].update(warmup_num_steps=1, warmup_min_ratio=1.0)  # steps that move the weights
+    return build(cfg, ds)
+
+
+def _step(state) -> float:
+    """One optimizer step; the loss averaged over ranks (each rank's micro-batch is an equal share)."""
+    from ds_moe_div.train import train_step
+
+    loss = train_step(state.engine, state.train_iter, state.composer, state.window, step=state.step,
+                      balancer=state.balancer).double()
+    state.step += 1
+    state.window.reset()  # what maybe_log's flush does every log_interval (1) steps
+    dist.all_reduce(loss)
+    return loss.item() / dist.get_world_size()
+
+
+def _snapshot(state) -> dict:
+    model = state.engine.module
+    with torch.no_grad():
+        logits = model.logits(IDS)  # every rank takes part in the all-to-all
+    return {"logits": logits, "biases": [b.clone() for b in state.balancer.biases],
+            "calibrated": dict(state.composer.calibrated), "step": state.step, "loader": state.loader.state_dict()}
+
+
+def _full_state(state) -> dict:
+    """Every parameter with all experts (gathered over the expert-parallel group)."""
+    out = {}
+    for name, p in state.engine.module.named_parameters():
+        value = p.detach().clone()
+        if name.endswith((".experts.w1", ".experts.w2", ".experts.w3")) and dist.get_world_size() > 1:
+            parts = [torch.empty_like(value) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, value)
+            value = torch.cat(parts)
+        out[name] = value
+    return out
+
+
+def _reference(rank, world_size, pretrained, run_dir):
+    state = _build(pretrained, run_dir, world_size=world_size)
+    try:
+        for _ in range(2):
+            _step(state)
+        state.save()
+        at_save = _snapshot(state)
+        loss3 = _step(state)
+        return {"at_save": at_save, "loss3": loss3, "after3": _full_state(state)}
+    finally:
+        state.close()
+
+
+def _resumed(rank, world_size, pretrained, run_dir):
+    state = _build(pretrained, run_dir, world_size=world_size, extra=("train.resume_from=global_step2",))
+    try:
+        at_load = _snapshot(state)
+        loss3 = _step(state)
+        return {"at_load": at_load, "loss3": loss3, "after3": _full_state(state)}
+    finally:
+        state.close()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny(family="mixtral", out_dir=tmp_path_factory.mktemp("tiny_hf") / "mixtral", seed=3)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    scale = max(b.abs().max().item(), 1e-6)
+    assert (a - b).abs().max().item() <= 1e-5 * scale, what
+
+
+@pytest.mark.parametrize(("saved", "resumed"), [(2, 1), (1, 2)])
+def test_resume_on_another_world_size_and_ep_size_continues_the_run(tiny, tmp_path, saved, resumed):
+    run_dir = tmp_path / "run"
+    [ref, *_] = run_on_ranks(_reference, world_size=saved, timeout=600, args=(str(tiny), str(run_dir)))
+    tag_dir = rundir.tag_dir(run_dir, "global_step2")
+    assert json.loads(rundir.run_config_path(tag_dir).read_text())["shape"] == {"world_size": saved,
+                                                                                 "ep_size": saved}
+    [res, *_] = run_on_ranks(_resumed, world_size=resumed, timeout=600, args=(str(tiny), str(run_dir)))
+    assert rundir.universal_dir(tag_dir).is_dir()  # converted once, kept for the next resume
+    assert not list(tag_dir.glob(".universal.*")) and not (tag_dir / "latest_universal").exists()
+    before, after = ref["at_save"], res["at_load"]
+    _close(after["logits"], before["logits"], "logits on the fixed batch")
+    for got, want in zip(after["biases"], before["biases"]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)  # Loss-Free biases carried
+    assert any(b.abs().sum() > 0 for b in before["biases"])  # ... and they had moved
+    assert after["calibrated"] == before["calibrated"] and "variance" in before["calibrated"]
+    assert after["step"] == before["step"] == 2
+    assert after["loader"]["step"] * after["loader"]["global_batch_size"] == \
+        before["loader"]["step"] * before["loader"]["global_batch_size"]  # the same sequences come next
+    assert res["loss3"] == pytest.approx(ref["loss3"], rel=1e-5)
+    for name, want in ref["after3"].items():  # AdamW moments carried: the step lands on the same weights
+        diff = (res["after3"][name] - want).abs().max().item()
+        assert diff <= ADAM_ATOL, (name, diff)
