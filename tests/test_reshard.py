@@ -24,7 +24,7 @@ from ds_moe_div.hf.tiny import make_tiny
 from tests.dist_utils import run_on_ranks
 
 pytest.importorskip("transformers")
-pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
+pytestmark = pytest.mark.filterwarnings("ignore")
 ROOT = Path(__file__).resolve().parents[1]
 DS_ZERO2 = ROOT / "ds_configs" / "ds_zero2_cpu.json"
 GLOBAL_BATCH = 4
@@ -117,6 +117,7 @@ def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     assert (a - b).abs().max().item() <= 1e-5 * scale, what
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("saved", "resumed"), [(2, 1), (1, 2)])
 def test_resume_on_another_world_size_and_ep_size_continues_the_run(tiny, tmp_path, saved, resumed):
     run_dir = tmp_path / "run"
@@ -140,3 +141,51 @@ def test_resume_on_another_world_size_and_ep_size_continues_the_run(tiny, tmp_pa
     for name, want in ref["after3"].items():  # AdamW moments carried: the step lands on the same weights
         diff = (res["after3"][name] - want).abs().max().item()
         assert diff <= ADAM_ATOL, (name, diff)
+
+
+# ---- fast checks of the pieces --------------------------------------------------------------------------------
+
+
+def _loader_state(step, global_batch, sampling="natural"):
+    return {"epoch": 1, "step": step, "seed": 0, "sampling": sampling, "shuffle": True,
+            "global_batch_size": global_batch, "num_sequences": 100}
+
+
+def test_data_position_is_carried_in_sequences(tmp_path):
+    from ds_moe_div.reshard import loader_position
+
+    state = _loader_state(step=3, global_batch=4)
+    assert loader_position(state, global_batch=4, where=tmp_path) == state
+    moved = loader_position(state, global_batch=2, where=tmp_path)  # e.g. 2 ranks x 2 -> 1 rank x 2 (gas 2)
+    assert (moved["step"], moved["global_batch_size"], moved["epoch"]) == (6, 2, 1)
+    assert loader_position(state, global_batch=12, where=tmp_path)["step"] == 1
+    with pytest.raises(rundir.CheckpointError, match="12 sequences into epoch 1.*not a whole number.*8"):
+        loader_position(state, global_batch=8, where=tmp_path)
+    with pytest.raises(rundir.CheckpointError, match="balanced.*train.micro_batch_size"):
+        loader_position(_loader_state(step=3, global_batch=4, sampling="balanced"), global_batch=2, where=tmp_path)
+
+
+def test_native_moe_checkpoints_are_refused_naming_the_autoep_way(tmp_path):
+    from ds_moe_div import checkpoint, fileio
+
+    tag_dir = tmp_path / "run" / "checkpoints" / "global_step2"
+    fileio.write_json(rundir.run_config_path(tag_dir), {"config": {}, "architecture": {}, "step": 2,
+                                                         "shape": {"world_size": 2, "ep_size": 2}})
+    checkpoint.check_shape(tag_dir, {"world_size": 2, "ep_size": 2})
+    with pytest.raises(rundir.CheckpointError) as error:
+        checkpoint.check_shape(tag_dir, {"world_size": 1, "ep_size": 1})
+    assert "saved by 2 rank(s) with model.moe.ep_size=2, but this run has 1 rank(s) with ep_size=1" in str(error.value)
+    assert "model.pretrained" in str(error.value) and "resharded by --resume" in str(error.value)
+
+
+def test_a_converted_tag_is_reused_and_a_failed_conversion_leaves_nothing(tmp_path):
+    from ds_moe_div.reshard import convert
+
+    tag_dir = tmp_path / "global_step2"
+    (rundir.universal_dir(tag_dir) / "zero").mkdir(parents=True)
+    assert convert(tag_dir, rank=0) == rundir.universal_dir(tag_dir)  # there already: not converted again
+    empty = tmp_path / "global_step4"
+    empty.mkdir()
+    with pytest.raises(rundir.CheckpointError, match="(?s)converting .*global_step4.*universal.*train.init_from="):
+        convert(empty, rank=0)  # no DeepSpeed files in it
+    assert sorted(p.name for p in empty.iterdir()) == []  # no half-converted directory, no latest_universal
