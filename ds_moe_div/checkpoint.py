@@ -112,6 +112,7 @@ def save(engine, run_dir, *, step: int, client: dict, run_config: dict, arch: di
     error = None
     if rank == 0:  # an older tag of this step (a resume from an earlier tag) is incomplete from now on
         rundir.complete_marker(tag_dir).unlink(missing_ok=True)
+        shutil.rmtree(rundir.universal_dir(tag_dir), ignore_errors=True)  # converted from the older write
     try:
         engine.save_checkpoint(str(root), tag=tag, client_state={"ds_moe_div": client}, save_latest=False)
         faults.inject("save", step=step, rank=rank)

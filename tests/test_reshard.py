@@ -207,14 +207,20 @@ def test_native_moe_checkpoints_are_refused_naming_the_autoep_way(tmp_path):
     assert "model.pretrained" in str(error.value) and "resharded by --resume" in str(error.value)
 
 
-def test_a_converted_tag_is_reused_and_a_failed_conversion_leaves_nothing(tmp_path):
-    from ds_moe_div.reshard import convert
+def test_a_converted_tag_is_reused_unless_rewritten_and_a_failed_conversion_leaves_nothing(tmp_path):
+    from ds_moe_div import fileio
+    from ds_moe_div.reshard import SOURCE, convert
 
     tag_dir = tmp_path / "global_step2"
-    (rundir.universal_dir(tag_dir) / "zero").mkdir(parents=True)
-    assert convert(tag_dir, rank=0) == rundir.universal_dir(tag_dir)  # there already: not converted again
-    empty = tmp_path / "global_step4"
-    empty.mkdir()
-    with pytest.raises(rundir.CheckpointError, match="(?s)converting .*global_step4.*universal.*train.init_from="):
-        convert(empty, rank=0)  # no DeepSpeed files in it
-    assert sorted(p.name for p in empty.iterdir()) == []  # no half-converted directory, no latest_universal
+    fileio.write_json(rundir.complete_marker(tag_dir), {"step": 2, "written": "2026-01-01T00:00:00"})
+    universal = rundir.universal_dir(tag_dir)
+    (universal / "zero").mkdir(parents=True)
+    (universal / SOURCE).write_text(rundir.complete_marker(tag_dir).read_text())
+    assert convert(tag_dir, rank=0) == universal  # converted from this write of the tag: not converted again
+    assert (universal / "zero").is_dir()
+    # The tag written again (a resume from an earlier tag reached step 2 again): converted anew, which
+    # fails here (no DeepSpeed files), leaving neither the stale conversion nor a half-made one.
+    fileio.write_json(rundir.complete_marker(tag_dir), {"step": 2, "written": "2026-01-02T00:00:00"})
+    with pytest.raises(rundir.CheckpointError, match="(?s)converting .*global_step2.*universal.*train.init_from="):
+        convert(tag_dir, rank=0)
+    assert sorted(p.name for p in tag_dir.iterdir()) == ["complete"]  # nor DeepSpeed's latest_universal
