@@ -109,7 +109,17 @@ def _resumed(rank, world_size, pretrained, run_dir, shape):
     try:
         at_load, weights = _snapshot(state), _full_state(state)
         loss3 = _step(state)
-        return {"at_load": at_load, "loss3": loss3, "update3": _update(weights, _full_state(state))}
+        update3 = _update(weights, _full_state(state))
+        state.save()  # a normal tag of the new shape
+        return {"at_load": at_load, "loss3": loss3, "update3": update3, "at_save3": _snapshot(state)}
+    finally:
+        state.close()
+
+
+def _continued(rank, world_size, pretrained, run_dir, shape):
+    state = _build(pretrained, run_dir, shape=shape, extra=("train.resume=true",))
+    try:
+        return _snapshot(state)
     finally:
         state.close()
 
@@ -170,6 +180,15 @@ def test_resume_on_another_world_size_and_ep_size_continues_the_run(tiny, refere
     for name, want in ref["update3"].items():  # AdamW moments carried: step 3 makes the same update
         error = ((res["update3"][name] - want).norm() / want.norm()).item()
         assert error <= UPDATE_RTOL, (name, error)
+    # The resharded run saves ordinary tags of its own shape, which resume without resharding.
+    saved3 = rundir.tag_dir(run_dir, "global_step3")
+    assert rundir.is_complete(rundir.checkpoint_root(run_dir), "global_step3")
+    assert json.loads(rundir.run_config_path(saved3).read_text())["shape"] == {"world_size": resumed[0],
+                                                                                "ep_size": resumed[0]}
+    if resumed == (1, 4, 1):  # one case is enough (one more process start)
+        [again] = run_on_ranks(_continued, world_size=1, timeout=600, args=(str(tiny), str(run_dir), resumed))
+        assert again["step"] == 3 and not rundir.universal_dir(saved3).exists()
+        torch.testing.assert_close(again["logits"], res["at_save3"]["logits"], rtol=0, atol=0)
 
 
 # ---- fast checks of the pieces --------------------------------------------------------------------------------
