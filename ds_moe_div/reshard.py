@@ -6,7 +6,7 @@ can reshard: `ds_to_universal` merges every rank's ZeRO optimizer shards and exp
 size and ep_size, Adam moments included. `--resume` does this by itself when the shape differs:
 
     plan = reshard.plan(cfg, world_size=info.world_size)   # None: same shape, native MoE, or no resume
-    ds = reshard.with_universal(ds)                        # before deepspeed.initialize (when plan)
+    ds = reshard.with_universal(ds, plan)                  # before deepspeed.initialize (when plan)
     client = reshard.load(engine, plan, arch=arch, rank=rank, global_batch=loader.global_batch)
 
 The conversion runs once per tag, on rank 0, into `<tag>/universal/` (rundir.universal_dir), built under a
@@ -73,8 +73,15 @@ def plan(cfg, *, world_size: int) -> Reshard | None:
     return Reshard(tag_dir=tag_dir, saved=saved, current=current)
 
 
-def with_universal(ds: dict) -> dict:
-    """`ds` with DeepSpeed's universal-checkpoint loading switched on."""
+def with_universal(ds: dict, reshard: Reshard) -> dict:
+    """`ds` with DeepSpeed's universal-checkpoint loading switched on (ZeRO stage 1 or 2 only: without a ZeRO
+    optimizer DeepSpeed would load neither the weights nor the optimizer state of a universal checkpoint)."""
+    stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+    if stage not in (1, 2):
+        raise CheckpointError(f"{reshard.describe()}: resharding goes through DeepSpeed's universal checkpoint, "
+                              f"which loads only into a ZeRO stage 1 or 2 optimizer, but this DeepSpeed config has "
+                              f"zero_optimization.stage={stage}: use stage 1 or 2 (e.g. ds_configs/ds_zero2_cpu.json), "
+                              f"or resume with the shape it was saved with")
     return {**ds, "checkpoint": {**ds.get("checkpoint", {}), "load_universal": True}}
 
 
@@ -118,6 +125,9 @@ def _convert(tag_dir: Path, target: Path) -> None:
 
     for stale in tag_dir.glob(f".{target.name}.*.tmp"):  # left by a conversion that was killed
         shutil.rmtree(stale, ignore_errors=True)
+    if not any(tag_dir.glob("*optim_states.pt")):
+        raise RuntimeError(f"{tag_dir} holds no ZeRO optimizer files (it was written without ZeRO, stage 0); "
+                           f"DeepSpeed's universal checkpoint needs a ZeRO stage 1 or 2 checkpoint")
     noise = io.StringIO()
     try:
         with fileio.atomic_dir(target) as tmp, contextlib.redirect_stdout(noise), contextlib.redirect_stderr(noise):

@@ -143,7 +143,7 @@ def _build(cfg: ExperimentConfig, ds: dict, info: RankInfo, micro: int, gas: int
     ds = engine_config(ds, micro, gas, info.world_size, steps=cfg.train.steps)  # what the engine runs
     resharding = reshard.plan(cfg, world_size=info.world_size)  # an imported model resumed on another shape
     if resharding is not None:
-        ds = reshard.with_universal(ds)
+        ds = reshard.with_universal(ds, resharding)
     loss_free = cfg.objectives.balance.method == "loss_free"
     if loss_free and not cfg.model.pretrained:  # the bias buffers exist before DeepSpeed places the module
         enable_selection_bias([layer.gate for layer in model.moe_layers()])

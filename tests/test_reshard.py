@@ -243,3 +243,14 @@ def test_a_converted_tag_is_reused_unless_rewritten_and_a_failed_conversion_leav
     with pytest.raises(rundir.CheckpointError, match="(?s)converting .*global_step2.*universal.*train.init_from="):
         convert(tag_dir, rank=0)
     assert sorted(p.name for p in tag_dir.iterdir()) == ["complete"]  # nor DeepSpeed's latest_universal
+
+
+def test_resharding_needs_a_zero_optimizer(tmp_path):
+    from ds_moe_div.reshard import Reshard, with_universal
+
+    plan = Reshard(tag_dir=tmp_path / "global_step2", saved={"world_size": 2, "ep_size": 2},
+                   current={"world_size": 1, "ep_size": 1})
+    ds = {"zero_optimization": {"stage": 2}, "checkpoint": {"tag_validation": "Warn"}}
+    assert with_universal(ds, plan)["checkpoint"] == {"tag_validation": "Warn", "load_universal": True}
+    with pytest.raises(rundir.CheckpointError, match="global_step2 was saved by 2 rank.*zero_optimization.stage=0"):
+        with_universal({"zero_optimization": {"stage": 0}}, plan)
