@@ -12,7 +12,8 @@ size and ep_size, Adam moments included. `--resume` does this by itself when the
 The conversion runs once per tag, on rank 0, into `<tag>/universal/` (rundir.universal_dir), built under a
 temporary name and renamed whole (fileio.atomic_dir), so a kill leaves no half-converted directory and a
 later resume (or the other ranks) reuse it; it records the tag's `complete` marker, so a tag written again
-(a resume from an earlier tag that reaches the same step) is converted again. What the project keeps beside DeepSpeed's state:
+(a resume from an earlier tag that reaches the same step) is converted again. What the project keeps
+beside DeepSpeed's state:
 
 - persistent buffers (Loss-Free Balancing's `expert_bias`, DeepSeek-V3's `e_score_correction_bias`): a
   universal load restores parameters only, so they are copied from the tag's model-state file;
@@ -43,7 +44,6 @@ from ds_moe_div.distributed import set_rng_state
 from ds_moe_div.rundir import CheckpointError
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
-SOURCE = "source_complete.json"  # in <tag>/universal/: the tag's `complete` marker it was converted from
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ def convert(tag_dir: Path, *, rank: int) -> Path:
     """`<tag>/universal/`, converted by rank 0 if it is not there yet (every rank returns once it is)."""
     target = rundir.universal_dir(tag_dir)
     error = None
-    if rank == 0 and not _current(target, tag_dir):
+    if rank == 0 and not _current(Path(tag_dir)):
         try:
             shutil.rmtree(target, ignore_errors=True)  # made from an older write of this tag
             _convert(Path(tag_dir), target)
@@ -112,10 +112,10 @@ def _source(tag_dir: Path) -> str:
     return marker.read_text() if marker.is_file() else ""
 
 
-def _current(target: Path, tag_dir: Path) -> bool:
-    """`target` holds the conversion of the tag as it is now (not of an earlier write of the same tag)."""
+def _current(tag_dir: Path) -> bool:
+    """The tag's universal dir holds the conversion of the tag as it is now (not of an earlier write)."""
     try:
-        return (target / SOURCE).read_text() == _source(tag_dir)
+        return rundir.universal_source_path(tag_dir).read_text() == _source(tag_dir)
     except OSError:
         return False
 
@@ -134,7 +134,7 @@ def _convert(tag_dir: Path, target: Path) -> None:
             ds_to_universal.main(Namespace(input_folder=str(tag_dir), output_folder=str(tmp), num_extract_workers=1,
                                            num_merge_workers=1, keep_temp_folder=False, strict=True,
                                            inject_missing_state=False))
-            fileio.write_text(tmp / SOURCE, _source(tag_dir))
+            fileio.write_text(tmp / rundir.universal_source_path(tag_dir).name, _source(tag_dir))
     except Exception as e:
         raise RuntimeError(f"{e}\n{noise.getvalue()[-2000:]}") from e
     finally:

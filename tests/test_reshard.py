@@ -228,13 +228,13 @@ def test_native_moe_checkpoints_are_refused_naming_the_autoep_way(tmp_path):
 
 def test_a_converted_tag_is_reused_unless_rewritten_and_a_failed_conversion_leaves_nothing(tmp_path):
     from ds_moe_div import fileio
-    from ds_moe_div.reshard import SOURCE, convert
+    from ds_moe_div.reshard import convert
 
     tag_dir = tmp_path / "global_step2"
     fileio.write_json(rundir.complete_marker(tag_dir), {"step": 2, "written": "2026-01-01T00:00:00"})
     universal = rundir.universal_dir(tag_dir)
     (universal / "zero").mkdir(parents=True)
-    (universal / SOURCE).write_text(rundir.complete_marker(tag_dir).read_text())
+    rundir.universal_source_path(tag_dir).write_text(rundir.complete_marker(tag_dir).read_text())
     assert convert(tag_dir, rank=0) == universal  # converted from this write of the tag: not converted again
     assert (universal / "zero").is_dir()
     # The tag written again (a resume from an earlier tag reached step 2 again): converted anew, which
