@@ -112,6 +112,7 @@ def save(engine, run_dir, *, step: int, client: dict, run_config: dict, arch: di
     error = None
     if rank == 0:  # an older tag of this step (a resume from an earlier tag) is incomplete from now on
         rundir.complete_marker(tag_dir).unlink(missing_ok=True)
+        shutil.rmtree(rundir.universal_dir(tag_dir), ignore_errors=True)  # converted from the older write
     try:
         engine.save_checkpoint(str(root), tag=tag, client_state={"ds_moe_div": client}, save_latest=False)
         faults.inject("save", step=step, rank=rank)
@@ -211,7 +212,8 @@ def check_shape(tag_dir: Path, current: dict) -> None:
     raise CheckpointError(
         f"checkpoint {tag_dir} was saved by {saved['world_size']} rank(s) with model.moe.ep_size={saved['ep_size']}, "
         f"but this run has {current['world_size']} rank(s) with ep_size={current['ep_size']}: the optimizer and "
-        f"expert states cannot be resharded yet. Resume with {saved['world_size']} rank(s) and "
+        f"expert states of DeepSpeed's native MoE layers cannot be resharded (imported Hugging Face models, "
+        f"model.pretrained on DeepSpeed's AutoEP, are resharded by --resume). Resume with {saved['world_size']} rank(s) and "
         f"model.moe.ep_size={saved['ep_size']}, or start a new run from its weights only with "
         f"train.init_from={rundir.run_dir_of(tag_dir)} (no --resume; optimizer state and data position restart)")
 

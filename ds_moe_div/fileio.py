@@ -6,6 +6,8 @@ on failure. Files end up mode 0644 (mkstemp creates 0600).
     write_json(path, data)
     with atomic_path(path) as tmp:    # for writers that need a file name (savefig, tokenizer.save, copyfile)
         fig.savefig(tmp, format="png")
+    with atomic_dir(path) as tmp:     # a whole directory: filled under a temporary name, then renamed
+        write_files_into(tmp)
 """
 from __future__ import annotations
 
@@ -34,6 +36,28 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary directory next to `path` (`.<name>.<random>.tmp`); on success its files are
+    fsync'd and it is renamed to `path` (which must not exist), else it is removed. A reader sees the whole
+    directory or none of it."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                with open(file, "rb+") as f:
+                    os.fsync(f.fileno())
+        os.chmod(tmp, 0o755)
+        os.rename(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:

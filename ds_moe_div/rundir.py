@@ -10,6 +10,9 @@ these names and functions; no other module spells a file or folder name of the l
         checkpoints/<tag>/               DeepSpeed's files, run_config.json ({config, architecture, step,
                                          shape}), tokenizer.json, rng_rank<r>.pt, and `complete`, written
                                          after everything else (a tag without it is ignored)
+        checkpoints/<tag>/universal/     DeepSpeed's universal checkpoint of the tag, made once (reshard.py)
+                                         when a resume runs on another world size or ep_size, with
+                                         source_complete.json (the tag's `complete` it was made from)
         eval/<tag>[-<split>][-by-<column>][-as-trained]/
                                          report.json, report.md, figures/*.png, tensorboard/
         train.log, sweep_ds_config.json  written by `sweep`
@@ -28,6 +31,8 @@ LATEST = "latest"
 COMPLETE = "complete"
 LOCK = "run.lock"
 RUN_CONFIG = "run_config.json"
+UNIVERSAL = "universal"
+UNIVERSAL_SOURCE = "source_complete.json"
 TOKENIZER = "tokenizer.json"
 EVAL = "eval"
 REPORT = "report.json"
@@ -174,6 +179,16 @@ def tokenizer_path(tag_dir) -> Path:
 
 def rng_path(tag_dir, rank: int) -> Path:
     return Path(tag_dir) / f"rng_rank{rank}.pt"
+
+
+def universal_dir(tag_dir) -> Path:
+    """The tag's DeepSpeed universal checkpoint (resharding; moved into place whole, so present = complete)."""
+    return Path(tag_dir) / UNIVERSAL
+
+
+def universal_source_path(tag_dir) -> Path:
+    """In the tag's universal checkpoint: the tag's `complete` marker it was converted from."""
+    return universal_dir(tag_dir) / UNIVERSAL_SOURCE
 
 
 def resolve_checkpoint(path) -> tuple[Path, str]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from ds_moe_div import checkpoint, config_paths, fileio, rundir
+from ds_moe_div import checkpoint, config_paths, fileio, reshard, rundir
 from ds_moe_div.composer import ObjectiveComposer
 from ds_moe_div.config import ExperimentConfig
 from ds_moe_div.config_loader import dump_config, to_dict
@@ -93,7 +93,7 @@ class TrainState:
 
     @property
     def shape(self) -> dict:
-        """What a resume must share with the checkpoint (it cannot be resharded yet)."""
+        """What a resume must share with the checkpoint (imported models: resharded, see reshard.py)."""
         return {"world_size": self.info.world_size, "ep_size": self.cfg.model.moe.ep_size}
 
     def close(self) -> None:
@@ -145,6 +145,9 @@ def _build(cfg: ExperimentConfig, ds: dict, info: RankInfo, micro: int, gas: int
         model = MoELanguageModel(cfg.model, vocab_size=vocab, seq_len=cfg.data.seq_len, seed=cfg.train.seed,
                                  ep_rank=info.ep_rank(cfg.model.moe.ep_size))
     ds = engine_config(ds, micro, gas, info.world_size, steps=cfg.train.steps)  # what the engine runs
+    resharding = reshard.plan(cfg, world_size=info.world_size)  # an imported model resumed on another shape
+    if resharding is not None:
+        ds = reshard.with_universal(ds, resharding)
     loss_free = cfg.objectives.balance.method == "loss_free"
     if loss_free and not cfg.model.uses_autoep:  # the bias buffers exist before DeepSpeed places the module
         enable_selection_bias([layer.gate for layer in model.moe_layers()])
@@ -164,7 +167,7 @@ def _build(cfg: ExperimentConfig, ds: dict, info: RankInfo, micro: int, gas: int
                        arch=arch, window=_log_window(cfg, model, data), lock=lock,
                        balancer=_balancer(cfg, model) if loss_free else None,
                        guard=RunGuard(max_nonfinite_steps=cfg.train.max_nonfinite_steps))
-    _restore(state)
+    _restore(state, resharding)
     # Only now, with every check and the checkpoint load behind us, does the run write anything. After a
     # resume, TensorBoard drops the events a killed run wrote past the checkpoint: one curve.
     state.monitor = Monitor(rundir.tensorboard_dir(run_dir), enabled=info.is_main, ds_monitor=engine.monitor,
@@ -221,14 +224,18 @@ def _initialize(model, ds_dict: dict, info: RankInfo, cfg: ExperimentConfig):
     return engine
 
 
-def _restore(state: TrainState) -> None:
+def _restore(state: TrainState, resharding: reshard.Reshard | None = None) -> None:
     train = state.cfg.train
     if train.resuming:
         tag, note = rundir.resume_tag(train.run_dir, train.resume_from)
         if state.info.is_main:
             print(f"ds_moe_div: resuming from {tag}" + (f" ({note})" if note else ""), flush=True)
-        client = checkpoint.load(state.engine, train.run_dir, arch=state.arch, rank=state.info.rank, module_only=False,
-                                 tag=tag, shape=state.shape)
+        if resharding is not None:
+            client = reshard.load(state.engine, resharding, arch=state.arch, rank=state.info.rank,
+                                  global_batch=state.loader.global_batch)
+        else:
+            client = checkpoint.load(state.engine, train.run_dir, arch=state.arch, rank=state.info.rank,
+                                     module_only=False, tag=tag, shape=state.shape)
         state.guard.last_saved = tag
         state.step = client["step"]
         state.loader.load_state_dict(client["loader"])

@@ -46,3 +46,18 @@ def test_free_port_is_bindable():
     port = fileio.free_port()
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
+
+
+def test_atomic_dir_appears_whole_or_not_at_all(tmp_path):
+    from ds_moe_div.fileio import atomic_dir
+
+    target = tmp_path / "universal"
+    with atomic_dir(target) as tmp:
+        (tmp / "zero").mkdir()
+        (tmp / "zero" / "a.pt").write_bytes(b"x")
+        assert not target.exists()
+    assert (target / "zero" / "a.pt").read_bytes() == b"x"
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "other") as tmp:
+        (tmp / "half").write_text("partial")
+        raise RuntimeError("killed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["universal"]  # nothing left of the failed one
