@@ -14,9 +14,10 @@ over the expert-data-parallel group only. The router stays frozen, or trains in 
 everything else is frozen. A target that matches nothing, or a MoE layer left without its expert
 adapters, is refused (peft can skip modules silently; see ../shared/spec/hf-families.md).
 
-Not wired into the trainer yet: AutoEP replaces the MoE blocks inside `deepspeed.initialize`, after which
-peft can no longer be applied before the optimizer is built, and DeepSpeed's AutoEP checkpoints save only
-`w1/w2/w3` per expert. Use it in one process (EP=1) or with a model converted before initialize.
+In the trainer (`model.lora`): `prepare` converts the MoE blocks itself (this rank's experts), applies
+LoRA, and the engine is built without an `expert_parallel` block (the layers exist already; DeepSpeed
+still gives them their groups). DeepSpeed's AutoEP checkpoint would write the frozen experts and not the
+expert adapters: a LoRA run saves its trainable state itself (hf/lora_checkpoint.py).
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def attention_linear_names(model) -> list[str]:
 
 
 def apply_lora(model, *, r: int, alpha: float, attention: tuple[str, ...] | None = None, experts: bool = True,
-               router: Literal["frozen", "full"] = "frozen", verbose: bool = True):
+               router: Literal["frozen", "full", "lora"] = "frozen", dropout: float = 0.0, verbose: bool = True):
     """Wrap `model` (a converted PretrainedMoELM) with peft LoRA; returns (peft model, adapted parameter names)."""
     from peft import LoraConfig, get_peft_model
 
@@ -55,9 +56,11 @@ def apply_lora(model, *, r: int, alpha: float, attention: tuple[str, ...] | None
     if missing:
         raise LoraTargetError(f"LoRA attention target(s) {missing} match no module of this "
                               f"{model.config.model_type} model; its attention projections are {available}")
-    if not attention and not experts:
+    if not attention and not experts and router != "lora":
         raise LoraTargetError("LoRA with no attention target and experts=False adapts nothing")
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(attention) or None,
+    modules = [rf".*\.self_attn\.{name}" for name in attention] + ([r".*\.mlp\.router\.gate"] if router == "lora" else [])
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                        target_modules="^(?:" + "|".join(modules) + ")$" if modules else None,
                         target_parameters=list(EXPERT_PARAMETERS) if experts else None)
     peft_model = get_peft_model(model, config)
     for layer in layers:
@@ -90,8 +93,65 @@ def _check_adapted(model, adapted: list[str], attention, experts: bool, router: 
     routers = sum(n.endswith("router.gate.weight") for n in adapted)
     if routers != (num_moe_layers if router == "full" else 0):
         problems.append(f"router={router} but {routers} router weights are trainable")
+    router_pairs = sum(".mlp.router.gate.lora_A." in n for n in adapted)
+    if router_pairs != (num_moe_layers if router == "lora" else 0):
+        problems.append(f"router={router} but {router_pairs} of {num_moe_layers} routers have LoRA")
     unexpected = [n for n in adapted if "lora_" not in n and not n.endswith("router.gate.weight")]
     if unexpected:
         problems.append(f"not asked for: {unexpected[:5]}")
     if problems:
         raise LoraTargetError("LoRA adapted other parameters than asked: " + "; ".join(problems))
+
+
+def resolve_targets(model, targets: tuple[str, ...]) -> tuple[tuple[str, ...], bool]:
+    """model.lora.targets -> (attention projection names, experts?): "attention" = all of `self_attn`'s."""
+    available = attention_linear_names(model)
+    names = [t for t in targets if t not in ("attention", "experts")]
+    attention = tuple(available) if "attention" in targets else ()
+    attention += tuple(n for n in names if n not in attention)
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise LoraTargetError(f"model.lora.targets {unknown} match no module of this {model.config.model_type} model; "
+                              f"use \"attention\", \"experts\" or its attention projections {available}")
+    return attention, "experts" in targets
+
+
+def prepare(model, lora_cfg, *, ep_size: int, ep_rank: int, seed: int, verbose: bool = True):
+    """The trainer's LoRA model (`model.lora`): AutoEP layers for this rank's experts, LoRA applied, expert
+    adapters initialised from one global draw per layer (rank `ep_rank` takes its experts' slice, so the
+    initial adapters do not depend on ep_size). Returns the PretrainedMoELM (peft's layers inside it)."""
+    model.convert(ep_size=ep_size, ep_rank=ep_rank)
+    attention, experts = resolve_targets(model, lora_cfg.targets)
+    peft_model, _ = apply_lora(model, r=lora_cfg.r, alpha=lora_cfg.alpha, attention=attention, experts=experts,
+                               router=lora_cfg.router, dropout=lora_cfg.dropout, verbose=verbose)
+    _init_expert_adapters(model, ep_rank=ep_rank, seed=seed)
+    object.__setattr__(model, "lora_peft_config", peft_model.peft_config["default"])  # for --adapter-only
+    return model
+
+
+def _init_expert_adapters(model, *, ep_rank: int, seed: int) -> None:
+    """peft's kaiming-uniform init of lora_A, drawn for all experts and sliced to this rank's."""
+    import math
+
+    import torch
+    for index, (name, param) in enumerate(expert_adapter_parameters(model)):
+        if ".lora_A." not in name:
+            continue
+        wrapper = _owner(model, name)
+        local, rows = wrapper.num_experts, param.shape[0]
+        gen = torch.Generator().manual_seed(seed * 1000003 + index)
+        full = torch.empty(rows * (model.num_experts // local), param.shape[1])
+        bound = 1 / math.sqrt(param.shape[1])  # kaiming_uniform_(a=sqrt(5)) on fan_in
+        full.uniform_(-bound, bound, generator=gen)
+        with torch.no_grad():
+            param.copy_(full[ep_rank * rows:(ep_rank + 1) * rows])
+
+
+def expert_adapter_parameters(model) -> list:
+    """(name, parameter) of the routed experts' LoRA tensors (this rank's experts), in name order."""
+    return [(n, p) for n, p in model.named_parameters() if ".mlp.experts." in n and "lora_" in n]
+
+
+def _owner(model, param_name: str):
+    """The peft ParamWrapper that owns `...lora_A.default.weight`."""
+    return model.get_submodule(param_name.rsplit(".lora_", 1)[0])
