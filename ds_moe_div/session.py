@@ -7,6 +7,7 @@ the divergence statistics; finally a checkpoint is loaded (resume or init_from).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from itertools import islice
@@ -214,7 +215,9 @@ def _vocab_size(cfg: ExperimentConfig, data: PreparedData) -> int:
 def _initialize(model, ds_dict: dict, info: RankInfo, cfg: ExperimentConfig):
     import deepspeed
     trainable = [p for p in model.parameters() if p.requires_grad]  # all of them, except in a LoRA run
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_dict)
+    from ds_moe_div.hf.lora import engine_view
+    with engine_view(model) if cfg.model.lora is not None else contextlib.nullcontext():
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_dict)
     if cfg.model.pretrained:
         model.attach_routing()  # AutoEP replaced the MoE blocks inside initialize
     ep_group = model.moe_layers()[0].expert_parallel_group()

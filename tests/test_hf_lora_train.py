@@ -19,6 +19,7 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 pytest.importorskip("peft")
 ROOT = Path(__file__).resolve().parents[1]
 DS_ZERO2 = ROOT / "ds_configs" / "ds_zero2_cpu.json"
+IDS = torch.arange(2, 34).view(2, 16)
 
 
 def test_lora_config_is_validated():
@@ -81,6 +82,8 @@ def _lora_run(rank, world_size, pretrained, run_dir):
               "frozen_equal": all(torch.equal(before[n], after[n]) for n in before if n not in trainable),
               "saved": sorted(torch.load(Path(run_dir) / "checkpoints/global_step2/lora_state_rank0.pt",
                                          weights_only=False)["trainable"])}
+    with torch.no_grad():
+        result["logits"] = model.logits(IDS)
     # Resume from step 2 in a copy of the run: steps 3 and 4 repeat bit-exactly.
     resumed_dir = f"{run_dir}_resumed"
     shutil.copytree(f"{run_dir}/checkpoints/global_step2", f"{resumed_dir}/checkpoints/global_step2")
@@ -100,6 +103,12 @@ def _lora_run(rank, world_size, pretrained, run_dir):
         result["changed_base"] = "accepted"
     except CheckpointError as e:
         result["changed_base"] = str(e)
+    # An attention-only run (router frozen): what --adapter-only can write.
+    attn, _, _ = _train(_config(pretrained, f"{run_dir}_attn", "train.steps=2", "model.lora.targets=[\"attention\"]",
+                                "model.lora.router=frozen"))
+    with torch.no_grad():
+        result["attn_logits"] = attn.engine.module.logits(IDS)
+    attn.close()
     return result
 
 
@@ -135,3 +144,33 @@ def test_lora_checkpoint_holds_only_trainable_state_and_resumes_bit_exact(lora_r
     assert result["resumed_losses"] == result["losses"][2:]  # bit-exact next-step losses
     assert result["resumed_equal"]  # and bit-exact adapters (and everything else) after them
     assert "differs" in result["changed_base"] and "model.pretrained" in result["changed_base"]
+
+
+@pytest.mark.slow
+def test_lora_export_merged_and_adapter_only(lora_run, tiny_dirs, tmp_path):
+    from ds_moe_div import cli
+    from ds_moe_div.hf.load import load_pretrained
+
+    result, run_dir = lora_run
+    out = tmp_path / "merged"
+    assert cli.main(["export", str(run_dir), str(out), "--max-shard-size", "40KB"]) == 0
+    assert not list(out.glob("adapter_*"))  # a plain transformers directory
+    reloaded = load_pretrained(out)
+    reloaded.set_experts_implementation("eager")
+    with torch.no_grad():
+        logits = reloaded(IDS).logits
+        base = load_pretrained(tiny_dirs["olmoe"])(IDS).logits
+    assert (logits - result["logits"]).abs().max().item() <= 1e-5
+    assert (logits - base).abs().max().item() > 1e-3  # the adapters changed the model
+    refused = tmp_path / "refused"
+    assert cli.main(["export", str(run_dir), str(refused), "--adapter-only"]) == 2  # experts + router adapted
+    assert not refused.exists()
+    from peft import PeftModel
+    adapter = tmp_path / "adapter"
+    assert cli.main(["export", f"{run_dir}_attn", str(adapter), "--adapter-only"]) == 0
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    peft_model = PeftModel.from_pretrained(load_pretrained(tiny_dirs["olmoe"]), adapter)
+    with torch.no_grad():
+        adapted = peft_model(input_ids=IDS).logits
+    assert (adapted - result["attn_logits"]).abs().max().item() <= 1e-5
+    assert (adapted - base).abs().max().item() > 1e-4

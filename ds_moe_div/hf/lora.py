@@ -22,6 +22,7 @@ expert adapters: a LoRA run saves its trainable state itself (hf/lora_checkpoint
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from typing import Literal
 
 from torch import nn
@@ -126,6 +127,7 @@ def prepare(model, lora_cfg, *, ep_size: int, ep_rank: int, seed: int, verbose: 
                                router=lora_cfg.router, dropout=lora_cfg.dropout, verbose=verbose)
     _init_expert_adapters(model, ep_rank=ep_rank, seed=seed)
     object.__setattr__(model, "lora_peft_config", peft_model.peft_config["default"])  # for --adapter-only
+    object.__setattr__(model, "lora_peft_model", peft_model)  # not a submodule: for merge_and_unload
     return model
 
 
@@ -155,3 +157,29 @@ def expert_adapter_parameters(model) -> list:
 def _owner(model, param_name: str):
     """The peft ParamWrapper that owns `...lora_A.default.weight`."""
     return model.get_submodule(param_name.rsplit(".lora_", 1)[0])
+
+
+class _DenseView(nn.Module):
+    """What DeepSpeed's engine sees of an AutoEP layer while no parameter of it is expert-parallel and
+    trainable: not an MoE layer (ZeRO-1/2 would assert "None of the param groups are marked as MoE"), but
+    still bound to its expert-parallel group (the engine calls this method on every module that has it)."""
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False,
+                                  folding_group_handles=None) -> None:
+        from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
+        AutoEPMoELayer.set_deepspeed_parallelism(self, use_data_before_expert_parallel_, folding_group_handles)
+
+
+@contextmanager
+def engine_view(model):
+    """Around `deepspeed.initialize` of a LoRA model: with no trainable expert-parallel parameter (no expert
+    adapters), the AutoEP layers are shown to the engine as plain modules (see _DenseView)."""
+    expert_trainable = any(p.requires_grad and getattr(p, "allreduce", True) is False for p in model.parameters())
+    layers = [] if expert_trainable else [(layer, layer.__class__) for layer in moe_layers(model)]
+    for layer, _ in layers:
+        layer.__class__ = _DenseView
+    try:
+        yield
+    finally:
+        for layer, cls in layers:
+            layer.__class__ = cls

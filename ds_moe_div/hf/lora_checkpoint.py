@@ -89,7 +89,7 @@ def load(engine, tag_dir, *, rank: int, module_only: bool) -> dict:
     tag_dir = Path(tag_dir)
     module = engine.module
     if module_only:
-        _copy_into(module, read_adapters(tag_dir), _ep(module))
+        load_weights(module, read_adapters(tag_dir))
         return {}
     path = rundir.lora_state_path(tag_dir, rank)
     if not path.is_file():
@@ -107,6 +107,11 @@ def load(engine, tag_dir, *, rank: int, module_only: bool) -> dict:
     for key, value in state["engine"].items():
         setattr(engine, key, value)
     return state["client"]
+
+
+def load_weights(module, tensors: dict) -> None:
+    """Adapters (and router, expert_bias) of `read_adapters` into `module`, at its own ep rank and size."""
+    _copy_into(module, tensors, _ep(module))
 
 
 def _copy_into(module, tensors: dict, ep: dict | None) -> None:
