@@ -107,7 +107,13 @@ def load_for_eval(path, *, micro_batch_size: int | None = None, show_progress: b
         from ds_moe_div.hf import session as hf_session
         with working_dir(base):
             model = hf_session.build_pretrained(cfg, tokenizer_vocab=data.vocab_size)
-        engine, dtype = _engine(model, micro, info.world_size, autoep=model.autoep_block(ep_size=cfg.model.moe.ep_size))
+        if cfg.model.lora is not None:  # base + adapters: converted and adapted here (hf/lora.py)
+            from ds_moe_div.hf import lora
+            lora.prepare(model, cfg.model.lora, ep_size=cfg.model.moe.ep_size, seed=cfg.train.seed,
+                         ep_rank=info.ep_rank(cfg.model.moe.ep_size), verbose=False)
+            engine, dtype = _engine(model, micro, info.world_size)
+        else:
+            engine, dtype = _engine(model, micro, info.world_size, autoep=model.autoep_block(ep_size=cfg.model.moe.ep_size))
         model.attach_routing()
         if cfg.objectives.balance.method == "loss_free":  # route as trained: with the checkpoint's expert_bias
             autoep.enable_expert_bias(model)
