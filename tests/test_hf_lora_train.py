@@ -180,3 +180,12 @@ def test_lora_export_merged_and_adapter_only(lora_run, tiny_dirs, tmp_path):
         adapted = peft_model(input_ids=IDS).logits
     assert (adapted - result["attn_logits"]).abs().max().item() <= 1e-5
     assert (adapted - base).abs().max().item() > 1e-4
+
+
+def test_shipped_posttrain_lora_config():
+    cfg = load_experiment(ROOT / "ds_configs" / "experiments" / "posttrain_lora.json")
+    lora = cfg.model.lora
+    assert (lora.r, lora.alpha, lora.targets, lora.router) == (16, 32.0, ("attention", "experts"), "full")
+    assert cfg.model.pretrained and cfg.objectives.balance.scope == "global_batch"
+    assert cfg.objectives.balance.coef == 0.001  # methods.md: paper 1's alpha
+    assert cfg.objectives.orthogonality.coef == "auto" and cfg.objectives.variance.coef == "auto"
