@@ -118,35 +118,37 @@ def resolve_targets(model, targets: tuple[str, ...]) -> tuple[tuple[str, ...], b
 
 
 def prepare(model, lora_cfg, *, ep_size: int, ep_rank: int, seed: int, verbose: bool = True):
-    """The trainer's LoRA model (`model.lora`): AutoEP layers for this rank's experts, LoRA applied, expert
-    adapters initialised from one global draw per layer (rank `ep_rank` takes its experts' slice, so the
-    initial adapters do not depend on ep_size). Returns the PretrainedMoELM (peft's layers inside it)."""
+    """The trainer's LoRA model (`model.lora`): AutoEP layers for this rank's experts, LoRA applied, every
+    lora_A drawn from `seed` (expert adapters: for all experts, rank `ep_rank` taking its experts' slice), so
+    the initial adapters depend neither on ep_size nor on the RNG's history. Returns the PretrainedMoELM
+    (peft's layers inside it)."""
     model.convert(ep_size=ep_size, ep_rank=ep_rank)
     attention, experts = resolve_targets(model, lora_cfg.targets)
     peft_model, _ = apply_lora(model, r=lora_cfg.r, alpha=lora_cfg.alpha, attention=attention, experts=experts,
                                router=lora_cfg.router, dropout=lora_cfg.dropout, verbose=verbose)
-    _init_expert_adapters(model, ep_rank=ep_rank, seed=seed)
+    _init_adapters(model, ep_rank=ep_rank, seed=seed)
     object.__setattr__(model, "lora_peft_config", peft_model.peft_config["default"])  # for --adapter-only
     object.__setattr__(model, "lora_peft_model", peft_model)  # not a submodule: for merge_and_unload
     return model
 
 
-def _init_expert_adapters(model, *, ep_rank: int, seed: int) -> None:
-    """peft's kaiming-uniform init of lora_A, drawn for all experts and sliced to this rank's."""
+def _init_adapters(model, *, ep_rank: int, seed: int) -> None:
+    """peft's kaiming-uniform init of every lora_A from its own generator (seed, name order): the same on
+    every rank and for every ep_size; an expert adapter is drawn for all experts and sliced to this rank's."""
     import math
 
     import torch
-    for index, (name, param) in enumerate(expert_adapter_parameters(model)):
-        if ".lora_A." not in name:
-            continue
-        wrapper = _owner(model, name)
-        local, rows = wrapper.num_experts, param.shape[0]
-        gen = torch.Generator().manual_seed(seed * 1000003 + index)
-        full = torch.empty(rows * (model.num_experts // local), param.shape[1])
+    named = sorted((n, p) for n, p in model.named_parameters() if ".lora_A." in n)
+    for index, (name, param) in enumerate(named):
+        rows = param.shape[0]
+        if ".mlp.experts." in name:
+            rows *= model.num_experts // _owner(model, name).num_experts
+        full = torch.empty(rows, param.shape[1])
         bound = 1 / math.sqrt(param.shape[1])  # kaiming_uniform_(a=sqrt(5)) on fan_in
-        full.uniform_(-bound, bound, generator=gen)
+        full.uniform_(-bound, bound, generator=torch.Generator().manual_seed(seed * 1000003 + index))
         with torch.no_grad():
-            param.copy_(full[ep_rank * rows:(ep_rank + 1) * rows])
+            param.copy_(full[ep_rank * param.shape[0]:(ep_rank + 1) * param.shape[0]] if rows != param.shape[0]
+                        else full)
 
 
 def expert_adapter_parameters(model) -> list:

@@ -161,13 +161,16 @@ def read_adapters(tag_dir) -> dict[str, torch.Tensor]:
                               f"are missing; copy every rank's lora_state_rank*.pt into the checkpoint")
     first = by_ep[0]
     tensors = {**first["trainable"], **first["buffers"]}
-    local = ep["num_local_experts"]
     for name in first["trainable"]:
         if ".mlp.experts." in name and "lora_" in name:
-            parts = [by_ep[e]["trainable"][name] for e in range(ep["ep_size"])]
-            if ".lora_A." in name:
-                tensors[name] = torch.cat(parts, dim=0)
-            else:
-                out, r = parts[0].shape[0], parts[0].shape[1] // local
-                tensors[name] = torch.cat([p.reshape(out, r, local) for p in parts], dim=2).reshape(out, -1)
+            tensors[name] = join_experts(name, [by_ep[e]["trainable"][name] for e in range(ep["ep_size"])],
+                                         num_local_experts=ep["num_local_experts"])
     return tensors
+
+
+def join_experts(name: str, parts: list[torch.Tensor], *, num_local_experts: int) -> torch.Tensor:
+    """The inverse of expert_slice: one expert adapter from the EP ranks' parts, in ep_rank order."""
+    if ".lora_A." in name:
+        return torch.cat(parts, dim=0)
+    out, r = parts[0].shape[0], parts[0].shape[1] // num_local_experts
+    return torch.cat([p.reshape(out, r, num_local_experts) for p in parts], dim=2).reshape(out, -1)
