@@ -230,7 +230,7 @@ def load(engine, path, *, arch: dict, rank: int, module_only: bool, tag: str | N
     check_architecture(rundir.read_run_config(tag_dir)["architecture"], arch, tag_dir)
     if not module_only and shape is not None:
         check_shape(tag_dir, shape)
-    lora_checkpoint.check_base(engine.module, tag_dir)
+    lora_checkpoint.check_base(getattr(engine, "module", None), tag_dir)
     try:
         loaded, client = _load_engine(engine, root, tag, module_only, rank)
     except (RuntimeError, EOFError, KeyError, ValueError, OSError, ZeRORuntimeException) as e:
@@ -249,14 +249,14 @@ def load(engine, path, *, arch: dict, rank: int, module_only: bool, tag: str | N
 
 def _save_engine(engine, root: Path, tag: str, client: dict, rank: int) -> None:
     """DeepSpeed's checkpoint, or a LoRA run's trainable state only (hf/lora_checkpoint.py)."""
-    if lora_checkpoint.is_lora(engine.module):
+    if lora_checkpoint.is_lora(getattr(engine, "module", None)):
         lora_checkpoint.save(engine, root / tag, client=client, rank=rank)
     else:
         engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
 
 
 def _load_engine(engine, root: Path, tag: str, module_only: bool, rank: int):
-    if lora_checkpoint.is_lora(engine.module):
+    if lora_checkpoint.is_lora(getattr(engine, "module", None)):
         return tag, lora_checkpoint.load(engine, root / tag, rank=rank, module_only=module_only)
     return engine.load_checkpoint(str(root), tag=tag, load_module_only=module_only,
                                   load_optimizer_states=not module_only, load_lr_scheduler_states=not module_only)
