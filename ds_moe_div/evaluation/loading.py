@@ -125,6 +125,8 @@ def load_for_eval(path, *, micro_batch_size: int | None = None, show_progress: b
         engine, dtype = _engine(model, micro, info.world_size)
     arch = checkpoint.architecture(to_dict(cfg.model), vocab, tokenizer=data.tokenizer_path)
     checkpoint.load(engine, tag_dir, arch=arch, rank=info.rank, module_only=True)
+    if cfg.model.pretrained and cfg.model.lora is not None:  # evaluate merged weights (a router permutation
+        model.lora_peft_model.merge_and_unload()            # then permutes the adapted router, not the base)
     engine.eval()
     return LoadedCheckpoint(tag_dir=tag_dir, step=int(run_config.get("step", 0)), saved_config=saved,
                             cfg=cfg, info=info, engine=engine, model=model, data=data, micro_batch_size=micro,
