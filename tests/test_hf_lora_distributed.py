@@ -7,7 +7,8 @@ Each rank runs half the batch through the trainer's LoRA path (hf/lora.prepare w
 engine_view, no expert_parallel block) with router="full" and nonzero lora_B (so lora_A gets gradients too),
 one SGD step (lr 1 after clipping the global norm to 1); the reference is one process at EP=1 on the whole
 batch. Every rank then writes its LoRA checkpoint file; joined (lora_checkpoint.read_adapters) they equal
-the reference's adapters.
+the reference's adapters. In the same spawn, a 2-step trainer run with `model.lora` at EP=2 is saved,
+resumed, and its checkpoint exported merged.
 """
 from __future__ import annotations
 
@@ -52,7 +53,25 @@ def _loss(model, ids, labels):
     return out.lm_loss + 0.01 * torch.stack([r.l_aux for r in out.routing]).mean()
 
 
-def _step_on_ranks(rank, world_size, path, tag_dir):
+def _trainer_run(pretrained, run_dir):
+    """The trainer's LoRA path at EP=2 (model.lora, ZeRO-2): 2 steps saved, then resumed for a third."""
+    from ds_moe_div.session import build
+    from ds_moe_div.train import run
+    from tests.test_hf_lora_train import IDS, _config, _ds
+
+    state = build(_config(pretrained, run_dir, "train.steps=2", "model.moe.ep_size=2"), _ds())
+    run(state)
+    with torch.no_grad():
+        logits = state.engine.module.logits(IDS)
+    state.close()
+    resumed = build(_config(pretrained, run_dir, "train.steps=3", "model.moe.ep_size=2", "train.resume=true"), _ds())
+    step = resumed.step
+    run(resumed)
+    resumed.close()
+    return {"logits": logits, "resumed_at": step}
+
+
+def _step_on_ranks(rank, world_size, path, tag_dir, trainer_model, run_dir):
     import deepspeed
 
     from ds_moe_div.hf import autoep, lora, lora_checkpoint
@@ -76,7 +95,8 @@ def _step_on_ranks(rank, world_size, path, tag_dir):
     engine.step()
     lora_checkpoint.save(engine, tag_dir, client={}, rank=rank)
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    return {"loss": loss.item(), "trainable": trainable, "groups_ok": groups_ok, "edp_size": edp_size}
+    return {"loss": loss.item(), "trainable": trainable, "groups_ok": groups_ok, "edp_size": edp_size,
+            "trainer": _trainer_run(trainer_model, run_dir)}
 
 
 def _reference(path):
@@ -93,10 +113,18 @@ def _reference(path):
     return [x.item() for x in losses], {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_ep2_lora_step_equals_one_process_and_checkpoint_joins_experts(tiny_dirs, tmp_path):
+@pytest.fixture(scope="module")
+def two_ranks(tiny_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora_ep2")
+    ranks = run_on_ranks(_step_on_ranks, world_size=2, timeout=600,
+                         args=(str(tiny_dirs[FAMILY]), str(root / "tag"), str(tiny_dirs["olmoe"]), str(root / "run")))
+    return ranks, root
+
+
+def test_ep2_lora_step_equals_one_process_and_checkpoint_joins_experts(tiny_dirs, two_ranks):
     path = tiny_dirs[FAMILY]
-    tag_dir = tmp_path / "tag"
-    ranks = run_on_ranks(_step_on_ranks, world_size=2, timeout=600, args=(str(path), str(tag_dir)))
+    ranks, root = two_ranks
+    tag_dir = root / "tag"
     ref_losses, ref = _reference(path)
     assert all(r["groups_ok"] and r["edp_size"] == 1 for r in ranks)
     joined = read_adapters(tag_dir)
@@ -115,3 +143,22 @@ def test_ep2_lora_step_equals_one_process_and_checkpoint_joins_experts(tiny_dirs
         assert (got - value).abs().max().item() <= 1e-5 * max(scale, 1e-6), name
         moved += ".lora_A." in name and ".mlp.experts." in name
     assert moved > 0
+
+
+def test_ep2_lora_trainer_run_resumes_and_exports_merged(two_ranks, tmp_path):
+    from ds_moe_div import cli
+    from ds_moe_div.hf.load import load_pretrained
+    from tests.test_hf_lora_train import IDS
+
+    ranks, root = two_ranks
+    assert all(r["trainer"]["resumed_at"] == 2 for r in ranks)
+    torch.testing.assert_close(ranks[0]["trainer"]["logits"], ranks[1]["trainer"]["logits"], rtol=0, atol=0)
+    tag = root / "run" / "checkpoints" / "global_step2"
+    assert {"lora_state_rank0.pt", "lora_state_rank1.pt", "lora_base.json"} <= {p.name for p in tag.iterdir()}
+    out = tmp_path / "merged"
+    assert cli.main(["export", str(tag), str(out)]) == 0  # every EP rank's expert adapters, merged
+    reloaded = load_pretrained(out)
+    reloaded.set_experts_implementation("eager")
+    with torch.no_grad():
+        logits = reloaded(IDS).logits
+    assert (logits - ranks[0]["trainer"]["logits"]).abs().max().item() <= 1e-5
