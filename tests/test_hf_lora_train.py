@@ -109,9 +109,8 @@ def _lora_run(rank, world_size, pretrained, run_dir):
     with torch.no_grad():
         result["eval_logits"] = loaded.model.logits(IDS)
     result["eval_has_lora"] = any("lora_" in n for n, _ in loaded.model.named_parameters())
-    # An attention-only run (router frozen): what --adapter-only can write.
-    attn, _, _ = _train(_config(pretrained, f"{run_dir}_attn", "train.steps=2", "model.lora.targets=[\"attention\"]",
-                                "model.lora.router=frozen"))
+    # A run with the router frozen (attention and experts adapted): what --adapter-only can write.
+    attn, _, _ = _train(_config(pretrained, f"{run_dir}_attn", "train.steps=2", "model.lora.router=frozen"))
     with torch.no_grad():
         result["attn_logits"] = attn.engine.module.logits(IDS)
     attn.close()
@@ -172,17 +171,27 @@ def test_lora_export_merged_and_adapter_only(lora_run, tiny_dirs, tmp_path):
     assert (logits - result["logits"]).abs().max().item() <= 1e-5
     assert (logits - base).abs().max().item() > 1e-3  # the adapters changed the model
     refused = tmp_path / "refused"
-    assert cli.main(["export", str(run_dir), str(refused), "--adapter-only"]) == 2  # experts + router adapted
+    assert cli.main(["export", str(run_dir), str(refused), "--adapter-only"]) == 2  # router trained in full
     assert not refused.exists()
     from peft import PeftModel
     adapter = tmp_path / "adapter"
     assert cli.main(["export", f"{run_dir}_attn", str(adapter), "--adapter-only"]) == 0
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
-    peft_model = PeftModel.from_pretrained(load_pretrained(tiny_dirs["olmoe"]), adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["target_parameters"] and config["rank_pattern"] == {"gate_up_proj": 8}
+    base_hf = load_pretrained(tiny_dirs["olmoe"])
+    base_hf.set_experts_implementation("eager")
+    peft_model = PeftModel.from_pretrained(base_hf, adapter)
     with torch.no_grad():
         adapted = peft_model(input_ids=IDS).logits
     assert (adapted - result["attn_logits"]).abs().max().item() <= 1e-5
     assert (adapted - base).abs().max().item() > 1e-4
+    with torch.no_grad():  # the expert adapters are part of what matched
+        for name, param in peft_model.named_parameters():
+            if ".mlp.experts." in name and ".lora_B." in name:
+                param.zero_()
+        without_experts = peft_model(input_ids=IDS).logits
+    assert (without_experts - adapted).abs().max().item() > 1e-4
 
 
 def test_shipped_posttrain_lora_config():

@@ -9,12 +9,16 @@ converted at EP=1, LoRA applied with the run's settings, every rank's adapters l
 (lora_checkpoint.read_adapters), peft's `merge_and_unload`, then written like any imported model's
 checkpoint (transformers' names, hub per-expert layout, tokenizer).
 
-Adapter-only writes what peft can load onto transformers' own model: LoRA on the `self_attn`
-projections. The routed experts' adapters are not representable there: ours adapt AutoEP's separate
-w1 / w3 / w2 [E, out, in], transformers 5 fuses gate and up into one `gate_up_proj` parameter, and peft's
-`target_parameters` adapter on it would be one rank-r product over the fused weight, not two. A run that
-adapted experts, or trained or adapted the router, is refused with that reason (nothing is written):
-export it merged instead.
+Adapter-only writes what peft loads onto transformers' own model (`PeftModel.from_pretrained(base, dir)`):
+LoRA on the `self_attn` projections (`target_modules`), and the routed experts' adapters through peft's
+`target_parameters` on transformers' fused `experts.gate_up_proj` [E, 2I, H] and `experts.down_proj`.
+Ours adapt AutoEP's separate w1 (gate) and w3 (up) with rank r each; on the fused weight they are one
+exact rank-2r adapter per expert: A = [A_gate; A_up], B = blockdiag(B_gate, B_up), with
+`rank_pattern`/`alpha_pattern` {"gate_up_proj": 2r / 2 alpha} so that the scale alpha / r is unchanged;
+`down_proj` takes w2's adapter as is. If peft adapts other tensors on this family than ours (it can skip
+modules silently, see ../shared/spec/hf-families.md), the export is refused naming them. A router that
+was trained in full or LoRA'd has no place in a PEFT adapter of transformers' router: refused with that
+reason (nothing is written); export such a run merged.
 """
 from __future__ import annotations
 
@@ -69,26 +73,78 @@ def write_adapter(tag_dir, pretrained, out_dir) -> None:
     from transformers import AutoModelForCausalLM
 
     cfg = _lora_config(tag_dir)
-    if "experts" in cfg.targets or cfg.router != "frozen":
+    if cfg.router != "frozen":
         raise LoraExportError(
-            f"--adapter-only: this run adapted {'the routed experts' if 'experts' in cfg.targets else ''}"
-            f"{' and ' if 'experts' in cfg.targets and cfg.router != 'frozen' else ''}"
-            f"{'the router (' + cfg.router + ')' if cfg.router != 'frozen' else ''}; a PEFT adapter on transformers' "
-            f"model holds LoRA on the attention projections only (transformers fuses the experts' gate and up "
-            f"weights, which our per-weight expert adapters cannot be written onto). Export it merged (drop "
-            f"--adapter-only); nothing was written")
+            f"--adapter-only: this run trained the router (model.lora.router={cfg.router}); a PEFT adapter of "
+            f"transformers' model cannot hold it (its router is not an nn.Linear peft adapts). Export it merged "
+            f"(drop --adapter-only); nothing was written")
     model = adapted_model(tag_dir, pretrained)
-    ours = {k: v for k, v in model.state_dict().items() if ".lora_" in k}
-    hf = AutoModelForCausalLM.from_pretrained(Path(pretrained), local_files_only=True)
     peft_cfg = model.lora_peft_config
-    target = LoraConfig(r=peft_cfg.r, lora_alpha=peft_cfg.lora_alpha, lora_dropout=peft_cfg.lora_dropout,
-                        target_modules=peft_cfg.target_modules, base_model_name_or_path=str(pretrained))
+    experts = "experts" in cfg.targets
+    r, alpha = peft_cfg.r, peft_cfg.lora_alpha
+    target = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=peft_cfg.lora_dropout,
+                        target_modules=peft_cfg.target_modules, base_model_name_or_path=str(pretrained),
+                        target_parameters=list(HF_EXPERT_PARAMETERS) if experts else None,
+                        rank_pattern={"gate_up_proj": 2 * r} if experts else {},
+                        alpha_pattern={"gate_up_proj": 2 * alpha} if experts else {})
+    hf = AutoModelForCausalLM.from_pretrained(Path(pretrained), local_files_only=True)
     peft_hf = get_peft_model(hf, target)
-    theirs = {k: v for k, v in peft_hf.state_dict().items() if ".lora_" in k}
-    mapped = {"base_model.model." + k: v for k, v in ours.items()}
-    if set(mapped) != set(theirs):
-        raise LoraExportError(f"adapter names differ from transformers' model: ours-only "
-                              f"{sorted(set(mapped) - set(theirs))[:4]}, theirs-only {sorted(set(theirs) - set(mapped))[:4]}")
-    peft_hf.load_state_dict(mapped, strict=False)
+    values = _attention_values(model)
+    if experts:
+        values.update(_expert_values(model, peft_hf))
+    theirs = {k for k in peft_hf.state_dict() if ".lora_" in k}
+    if set(values) != theirs:
+        raise LoraExportError(f"--adapter-only: peft adapts other tensors of transformers' {hf.config.model_type} "
+                              f"than this run trained: ours only {sorted(set(values) - theirs)[:4]}, theirs only "
+                              f"{sorted(theirs - set(values))[:4]}. Export it merged (drop --adapter-only); "
+                              f"nothing was written")
+    peft_hf.load_state_dict(values, strict=False)
     peft_hf.save_pretrained(out_dir)
     (Path(out_dir) / "ds_moe_div_lora.json").write_text(json.dumps({"checkpoint": str(tag_dir)}, indent=2))
+
+
+HF_EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+
+
+def _attention_values(model) -> dict:
+    return {"base_model.model." + k: v for k, v in model.state_dict().items()
+            if ".lora_" in k and ".mlp.experts." not in k}
+
+
+def _by_parameter(model, prefix: str = "") -> dict:
+    """{(experts module path without peft's nesting, adapted parameter name): ParamWrapper}."""
+    from peft.tuners.lora.layer import ParamWrapper
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, ParamWrapper):
+            root = name.split(".experts")[0] + ".experts"
+            out[(root[len(prefix):], module.parameter_name)] = (name, module)
+    return out
+
+
+def _expert_values(model, peft_hf) -> dict:
+    """transformers' fused expert adapters from ours (module docstring)."""
+    import torch
+    ours = _by_parameter(model)
+    theirs = _by_parameter(peft_hf, prefix="base_model.model.")
+    values = {}
+    for (root, parameter), (name, wrapper) in theirs.items():
+        get = {w: ours.get((root, w)) for w in ("w1", "w2", "w3")}
+        if any(v is None for v in get.values()):
+            continue  # reported by the caller's name comparison
+        ab = {w: (m.lora_A["default"].weight.detach(), m.lora_B["default"].weight.detach()) for w, (_, m) in get.items()}
+        if parameter == "down_proj":
+            a, b = ab["w2"]
+        else:  # gate_up_proj: rank 2r, A stacked, B block-diagonal, per expert
+            (a1, b1), (a3, b3) = ab["w1"], ab["w3"]
+            num_experts = get["w1"][1].num_experts
+            r, hidden, inter = a1.shape[0] // num_experts, a1.shape[1], b1.shape[0]
+            a = torch.cat([a1.reshape(num_experts, r, hidden), a3.reshape(num_experts, r, hidden)], dim=1)
+            a = a.reshape(num_experts * 2 * r, hidden)
+            b = torch.zeros(2 * inter, 2 * r, num_experts, dtype=b1.dtype)
+            b[:inter, :r] = b1.reshape(inter, r, num_experts)
+            b[inter:, r:] = b3.reshape(inter, r, num_experts)
+            b = b.reshape(2 * inter, 2 * r * num_experts)
+        values[f"{name}.lora_A.default.weight"] = a.clone()
+        values[f"{name}.lora_B.default.weight"] = b
+    return values
