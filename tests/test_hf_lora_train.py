@@ -92,6 +92,14 @@ def _lora_run(rank, world_size, pretrained, run_dir):
     result["resumed_losses"] = losses2
     result["resumed_equal"] = all(torch.equal(p, after[n]) for n, p in state2.engine.module.named_parameters())
     state2.close()
+    # Without model.lora, the adapters-only checkpoint is refused with the fix.
+    try:
+        build(load_experiment(None, [f"model.pretrained={pretrained}", "data.seq_len=32",
+                                     f"data.cache_dir={run_dir}/../cache", f"train.run_dir={run_dir}_full",
+                                     f"train.init_from={run_dir}", "train.show_progress=false"]), _ds())
+        result["without_lora"] = "accepted"
+    except CheckpointError as e:
+        result["without_lora"] = str(e)
     # The same checkpoint against a changed base model: refused, naming both.
     changed = Path(f"{run_dir}_base")
     shutil.copytree(pretrained, changed)
@@ -151,6 +159,7 @@ def test_lora_checkpoint_holds_only_trainable_state_and_resumes_bit_exact(lora_r
     # eval: base + adapters of step 4, merged
     assert (result["eval_logits"] - result["logits"]).abs().max().item() <= 1e-5
     assert not result["eval_has_lora"]
+    assert "set model.lora as in its run_config.json" in result["without_lora"]
     assert "differs" in result["changed_base"] and "model.pretrained" in result["changed_base"]
 
 

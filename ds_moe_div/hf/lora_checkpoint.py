@@ -70,9 +70,13 @@ def save(engine, tag_dir, *, client: dict, rank: int) -> None:
 
 def check_base(module, tag_dir) -> None:
     """Refuse a checkpoint of a LoRA run whose base model is not the one `module` was built from."""
-    if not is_lora(module):
-        return
     path = rundir.lora_base_path(tag_dir)
+    if not is_lora(module):
+        if path.is_file():
+            raise CheckpointError(f"{tag_dir} holds only the LoRA adapters of a run on {module_source(path)}: set "
+                                  f"model.lora as in its run_config.json, or export it merged (`export`) and use "
+                                  f"the export as model.pretrained")
+        return
     if not path.is_file():
         raise CheckpointError(f"{tag_dir} holds no {path.name}: it is not a checkpoint of a LoRA run; use a LoRA "
                               f"run's checkpoint, or drop model.lora to load it")
@@ -82,6 +86,10 @@ def check_base(module, tag_dir) -> None:
         raise CheckpointError(f"{tag_dir} adapts the base model {saved['pretrained']} (sha256 {saved['sha256'][:12]}), "
                               f"but model.pretrained={module.source} differs (sha256 {ours[:12]}: its config.json or "
                               f"safetensors changed). Point model.pretrained at the base the run was trained on")
+
+
+def module_source(path: Path) -> str:
+    return json.loads(path.read_text(encoding="utf-8"))["pretrained"]
 
 
 def load(engine, tag_dir, *, rank: int, module_only: bool) -> dict:
