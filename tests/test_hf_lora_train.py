@@ -92,6 +92,10 @@ def _lora_run(rank, world_size, pretrained, run_dir):
     result["resumed_losses"] = losses2
     result["resumed_equal"] = all(torch.equal(p, after[n]) for n, p in state2.engine.module.named_parameters())
     state2.close()
+    # Activation checkpointing (transformers' recomputation through peft's layers): the same steps.
+    checkpointed, result["checkpointed_losses"], _ = _train(_config(pretrained, f"{run_dir}_ac", "train.steps=4",
+                                                                    "model.activation_checkpointing=true"))
+    checkpointed.close()
     # Without model.lora, the adapters-only checkpoint is refused with the fix.
     try:
         build(load_experiment(None, [f"model.pretrained={pretrained}", "data.seq_len=32",
@@ -142,6 +146,7 @@ def test_lora_run_trains_only_adapters_and_router(lora_run):
     assert result["frozen_equal"]  # base weights bit-identical after the steps
     assert set(result["changed"]) <= set(trainable) and any(".mlp.experts." in n for n in result["changed"])
     assert len(result["losses"]) == 4 and result["losses"][-1] < result["losses"][0]
+    assert result["checkpointed_losses"] == result["losses"]  # activation checkpointing: no double counting
 
 
 @pytest.mark.slow
