@@ -10,13 +10,14 @@ peft's `target_parameters` on the 3-D `GroupedExperts.w1/w2/w3` [E_local, out, i
 one rank-r pair per local expert (`lora_A` [r * E_local, in], `lora_B` [out, r * E_local]). These belong
 to the experts of this rank, like the weights they adapt: they are tagged expert-parallel the way AutoEP
 tags `w1/w2/w3` (`allreduce=False`, the layer's `ep_size_N` group), so DeepSpeed reduces their gradients
-over the expert-data-parallel group only. The router stays frozen, or trains in full (`router="full"`);
-everything else is frozen. A target that matches nothing, or a MoE layer left without its expert
+over the expert-data-parallel group only. The router stays frozen, trains in full (`router="full"`), or
+gets its own LoRA on `router.gate` (`router="lora"`); everything else is frozen. A target that matches nothing, or a MoE layer left without its expert
 adapters, is refused (peft can skip modules silently; see ../shared/spec/hf-families.md).
 
 In the trainer (`model.lora`): `prepare` converts the MoE blocks itself (this rank's experts), applies
-LoRA, and the engine is built without an `expert_parallel` block (the layers exist already; DeepSpeed
-still gives them their groups). DeepSpeed's AutoEP checkpoint would write the frozen experts and not the
+LoRA, draws every lora_A from the seed (independent of ep_size), and the engine is built without an
+`expert_parallel` block (the layers exist already; DeepSpeed still gives them their groups; `engine_view`
+hides them from ZeRO when no expert parameter trains). DeepSpeed's AutoEP checkpoint would write the frozen experts and not the
 expert adapters: a LoRA run saves its trainable state itself (hf/lora_checkpoint.py).
 """
 from __future__ import annotations
