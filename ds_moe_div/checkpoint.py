@@ -28,6 +28,7 @@ import torch.distributed as dist
 from ds_moe_div import faults, fileio, rundir
 from ds_moe_div.agreement import any_rank
 from ds_moe_div.distributed import rng_state, set_rng_state
+from ds_moe_div.hf import lora_checkpoint
 from ds_moe_div.rundir import CheckpointError, checkpoint_root, resolve_checkpoint
 
 # DeepSpeed copies these next to the tags; zero_to_fp32 fails on MoE checkpoints ("... is not a model state
@@ -114,7 +115,7 @@ def save(engine, run_dir, *, step: int, client: dict, run_config: dict, arch: di
         rundir.complete_marker(tag_dir).unlink(missing_ok=True)
         shutil.rmtree(rundir.universal_dir(tag_dir), ignore_errors=True)  # converted from the older write
     try:
-        engine.save_checkpoint(str(root), tag=tag, client_state={"ds_moe_div": client}, save_latest=False)
+        _save_engine(engine, root, tag, {"ds_moe_div": client}, rank)
         faults.inject("save", step=step, rank=rank)
         _write_trainer_files(tag_dir, step=step, run_config=run_config, arch=arch, rank=rank, tokenizer=tokenizer,
                              shape=shape)
@@ -231,10 +232,9 @@ def load(engine, path, *, arch: dict, rank: int, module_only: bool, tag: str | N
     check_architecture(rundir.read_run_config(tag_dir)["architecture"], arch, tag_dir)
     if not module_only and shape is not None:
         check_shape(tag_dir, shape)
+    lora_checkpoint.check_base(getattr(engine, "module", None), tag_dir)
     try:
-        loaded, client = engine.load_checkpoint(str(root), tag=tag, load_module_only=module_only,
-                                                load_optimizer_states=not module_only,
-                                                load_lr_scheduler_states=not module_only)
+        loaded, client = _load_engine(engine, root, tag, module_only, rank)
     except (RuntimeError, EOFError, KeyError, ValueError, OSError, ZeRORuntimeException) as e:
         raise CheckpointError(f"cannot load checkpoint {tag_dir}: {type(e).__name__}: {e}. The files may be "
                               f"truncated or from another model; use another tag (see {root})") from e
@@ -247,3 +247,18 @@ def load(engine, path, *, arch: dict, rank: int, module_only: bool, tag: str | N
         raise CheckpointError(f"{rng_file} is missing: resume with the same number of ranks the run was saved with")
     set_rng_state(torch.load(rng_file, weights_only=False))
     return client["ds_moe_div"]
+
+
+def _save_engine(engine, root: Path, tag: str, client: dict, rank: int) -> None:
+    """DeepSpeed's checkpoint, or a LoRA run's trainable state only (hf/lora_checkpoint.py)."""
+    if lora_checkpoint.is_lora(getattr(engine, "module", None)):
+        lora_checkpoint.save(engine, root / tag, client=client, rank=rank)
+    else:
+        engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
+
+
+def _load_engine(engine, root: Path, tag: str, module_only: bool, rank: int):
+    if lora_checkpoint.is_lora(getattr(engine, "module", None)):
+        return tag, lora_checkpoint.load(engine, root / tag, rank=rank, module_only=module_only)
+    return engine.load_checkpoint(str(root), tag=tag, load_module_only=module_only,
+                                  load_optimizer_states=not module_only, load_lr_scheduler_states=not module_only)

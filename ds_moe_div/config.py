@@ -58,6 +58,28 @@ def _set_native_keys(moe: MoEConfig) -> list[str]:
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    """LoRA post-training of a `model.pretrained` checkpoint (ds_moe_div/hf/lora.py): adapters of rank `r`
+    scaled by alpha / r on `targets`: "attention" (every projection of `self_attn`), "experts" (the routed
+    experts' 3-D weights), or attention projection names ("q_proj", "kv_b_proj", ...). The router stays
+    "frozen", trains in "full", or gets its own "lora"; everything else is frozen."""
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("attention", "experts")
+    router: Literal["frozen", "full", "lora"] = "frozen"
+
+    def __post_init__(self):
+        _require(self.r >= 1, f"model.lora.r={self.r} must be >= 1")
+        _require(self.alpha > 0, f"model.lora.alpha={self.alpha} must be > 0")
+        _require(0 <= self.dropout < 1, f"model.lora.dropout={self.dropout} must be in [0, 1)")
+        _require(len(self.targets) > 0, 'model.lora.targets is empty: use ["attention", "experts"] or a subset')
+        _require(not (self.dropout and "experts" in self.targets),
+                 f"model.lora.dropout={self.dropout} with experts in model.lora.targets: peft's LoRA on 3-D expert "
+                 "weights has no dropout; set model.lora.dropout=0 or drop \"experts\" from the targets")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int | None = None  # None: the tokenizer's vocabulary size
     d_model: int = 128
@@ -80,10 +102,14 @@ class ModelConfig:
     # dropless AutoEP layer, the path of imported models (ds_moe_div/hf/scratch.py).
     backend: Literal["native", "autoep"] = "native"
     family: Literal["qwen3_moe", "deepseek_v3"] = "qwen3_moe"
+    lora: LoraConfig | None = None  # LoRA instead of full fine-tuning (needs pretrained)
 
     def __post_init__(self):
         _require(self.pretrained is None or self.family == "qwen3_moe", f"model.family={self.family!r} with "
                  f"model.pretrained: the checkpoint's config.json decides the family; remove model.family")
+        _require(self.lora is None or self.pretrained is not None,
+                 "model.lora needs model.pretrained (a Hugging Face MoE directory to adapt); remove model.lora "
+                 "to train a from-scratch model in full")
         if self.backend == "autoep" and self.pretrained is None:
             keys = _set_native_keys(self.moe)
             _require(not keys, f"model.backend='autoep' runs DeepSpeed's dropless AutoEP layer, which has no "

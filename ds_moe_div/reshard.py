@@ -60,9 +60,10 @@ class Reshard:
 
 def plan(cfg, *, world_size: int) -> Reshard | None:
     """The resharding a resume of `cfg` needs: None unless it resumes an imported (AutoEP) model whose tag
-    was saved with another world size or ep_size."""
+    was saved with another world size or ep_size. (A LoRA run's checkpoint is its own per-rank trainable
+    state, hf/lora_checkpoint.py, not a DeepSpeed checkpoint: it is not resharded here.)"""
     train = cfg.train
-    if not train.resuming or not cfg.model.pretrained:
+    if not train.resuming or not cfg.model.pretrained or cfg.model.lora is not None:
         return None
     tag, _ = rundir.resume_tag(train.run_dir, train.resume_from)
     tag_dir = rundir.tag_dir(train.run_dir, tag)

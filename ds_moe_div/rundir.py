@@ -191,6 +191,16 @@ def universal_source_path(tag_dir) -> Path:
     return universal_dir(tag_dir) / UNIVERSAL_SOURCE
 
 
+def lora_state_path(tag_dir, rank: int) -> Path:
+    """A LoRA run's trainable state of one rank (adapters, optimizer...; ds_moe_div/hf/lora_checkpoint.py)."""
+    return Path(tag_dir) / f"lora_state_rank{rank}.pt"
+
+
+def lora_base_path(tag_dir) -> Path:
+    """The base model a LoRA checkpoint adapts: its directory and digest."""
+    return Path(tag_dir) / "lora_base.json"
+
+
 def resolve_checkpoint(path) -> tuple[Path, str]:
     """Accept a run dir, its checkpoints/ dir, or one tag dir; return (checkpoints root, tag)."""
     p = Path(path)

@@ -7,6 +7,7 @@ the divergence statistics; finally a checkpoint is loaded (resume or init_from).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from itertools import islice
@@ -135,7 +136,12 @@ def _build(cfg: ExperimentConfig, ds: dict, info: RankInfo, micro: int, gas: int
     if cfg.model.pretrained:  # a Hugging Face MoE through DeepSpeed's AutoEP (ds_moe_div/hf)
         model = hf_session.build_pretrained(cfg, tokenizer_vocab=data.vocab_size)
         vocab = model.config.vocab_size
-        ds = hf_session.with_autoep(ds, model, ep_size=cfg.model.moe.ep_size)
+        if cfg.model.lora is not None:  # converted and adapted here, before the optimizer exists (hf/lora.py)
+            from ds_moe_div.hf import lora
+            model = lora.prepare(model, cfg.model.lora, ep_size=cfg.model.moe.ep_size, seed=cfg.train.seed,
+                                 ep_rank=info.ep_rank(cfg.model.moe.ep_size), verbose=info.is_main)
+        else:
+            ds = hf_session.with_autoep(ds, model, ep_size=cfg.model.moe.ep_size)
     elif cfg.model.backend == "autoep":  # from scratch, as a small HF family model on the same path
         vocab = _vocab_size(cfg, data)
         model = scratch.build_scratch(cfg.model, vocab_size=vocab, seq_len=cfg.data.seq_len, seed=cfg.train.seed)
@@ -215,7 +221,10 @@ def _vocab_size(cfg: ExperimentConfig, data: PreparedData) -> int:
 
 def _initialize(model, ds_dict: dict, info: RankInfo, cfg: ExperimentConfig):
     import deepspeed
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds_dict)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # all of them, except in a LoRA run
+    from ds_moe_div.hf.lora import engine_view
+    with engine_view(model) if cfg.model.lora is not None else contextlib.nullcontext():
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_dict)
     if cfg.model.uses_autoep:
         model.attach_routing()  # AutoEP replaced the MoE blocks inside initialize
     ep_group = model.moe_layers()[0].expert_parallel_group()

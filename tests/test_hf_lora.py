@@ -56,3 +56,24 @@ def test_router_full_and_bad_targets(tiny_dirs):
     assert sum(n.endswith("router.gate.weight") for n in adapted) == 2
     assert sum(".self_attn.o_proj.lora_" in n for n in adapted) == 2 * ours.config.num_hidden_layers
     assert not any(".q_proj." in n for n in adapted)
+
+
+def test_router_lora_and_target_names(tiny_dirs):
+    from ds_moe_div.hf.lora import resolve_targets
+    _, ours = reference_and_ours(tiny_dirs["deepseek_v3"])
+    assert resolve_targets(ours, ("kv_b_proj", "experts")) == (("kv_b_proj",), True)
+    assert resolve_targets(ours, ("attention",))[0] == tuple(attention_linear_names(ours))
+    with pytest.raises(LoraTargetError, match=r"targets \['qkv'\] match no module.*kv_b_proj"):
+        resolve_targets(ours, ("qkv",))
+    peft_model, adapted = apply_lora(ours, r=2, alpha=4, attention=(), experts=False, router="lora", verbose=False)
+    assert sorted({n.split(".mlp.")[1] for n in adapted}) == ["router.gate.lora_A.default.weight",
+                                                             "router.gate.lora_B.default.weight"]
+    assert sum(".lora_A." in n for n in adapted) == len(ours.moe_layers())
+    ids, labels = batch(ours.config.vocab_size, seed=9)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    out = ours(ids, labels_BS=labels)
+    out.lm_loss.backward()
+    assert all(p.grad is not None for n, p in peft_model.named_parameters() if "lora_A" in n)

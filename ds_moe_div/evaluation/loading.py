@@ -110,7 +110,13 @@ def load_for_eval(path, *, micro_batch_size: int | None = None, show_progress: b
                 model = hf_session.build_pretrained(cfg, tokenizer_vocab=data.vocab_size)
         else:
             model = scratch.build_scratch(cfg.model, vocab_size=vocab, seq_len=cfg.data.seq_len, seed=cfg.train.seed)
-        engine, dtype = _engine(model, micro, info.world_size, autoep=model.autoep_block(ep_size=cfg.model.moe.ep_size))
+        if cfg.model.lora is not None:  # base + adapters: converted and adapted here (hf/lora.py)
+            from ds_moe_div.hf import lora
+            lora.prepare(model, cfg.model.lora, ep_size=cfg.model.moe.ep_size, seed=cfg.train.seed,
+                         ep_rank=info.ep_rank(cfg.model.moe.ep_size), verbose=False)
+            engine, dtype = _engine(model, micro, info.world_size)
+        else:
+            engine, dtype = _engine(model, micro, info.world_size, autoep=model.autoep_block(ep_size=cfg.model.moe.ep_size))
         model.attach_routing()
         if cfg.objectives.balance.method == "loss_free":  # route as trained: with the checkpoint's expert_bias
             autoep.enable_expert_bias(model)
@@ -122,6 +128,8 @@ def load_for_eval(path, *, micro_batch_size: int | None = None, show_progress: b
         engine, dtype = _engine(model, micro, info.world_size)
     arch = checkpoint.architecture(to_dict(cfg.model), vocab, tokenizer=data.tokenizer_path)
     checkpoint.load(engine, tag_dir, arch=arch, rank=info.rank, module_only=True)
+    if cfg.model.pretrained and cfg.model.lora is not None:  # evaluate merged weights (a router permutation
+        model.lora_peft_model.merge_and_unload()            # then permutes the adapted router, not the base)
     engine.eval()
     return LoadedCheckpoint(tag_dir=tag_dir, step=int(run_config.get("step", 0)), saved_config=saved,
                             cfg=cfg, info=info, engine=engine, model=model, data=data, micro_batch_size=micro,

@@ -28,6 +28,7 @@ import torch
 
 from ds_moe_div import rundir
 from ds_moe_div.cli import prog
+from ds_moe_div.hf import lora_export
 from ds_moe_div.hf.autoep import to_hf_state_dict
 from ds_moe_div.hf.load import read_config
 
@@ -83,9 +84,21 @@ def export_checkpoint(tag_dir, out_dir, *, pretrained, overwrite: bool = False, 
     tag_dir, out_dir = Path(tag_dir), Path(out_dir)
     check_target(out_dir, overwrite=overwrite)
     hf_config, family = read_config(pretrained)
-    state = read_checkpoint_state(tag_dir, num_experts=family.num_experts(hf_config))
+    if lora_export.is_lora_checkpoint(tag_dir):  # a LoRA run: base + adapters, merged (hf/lora_export.py)
+        state = lora_export.merged_state(tag_dir, pretrained)
+    else:
+        state = read_checkpoint_state(tag_dir, num_experts=family.num_experts(hf_config))
     model = build_hf_model(hf_config, to_hf_state_dict(state, family))
     return _write(model, out_dir, max_shard_size, lambda tmp: _copy_tokenizer_and_generation(Path(pretrained), tmp))
+
+
+def export_adapter(tag_dir, out_dir, *, pretrained, overwrite: bool = False) -> Path:
+    """A LoRA run's checkpoint as a PEFT adapter directory (see lora_export.py for what it can hold)."""
+    tag_dir, out_dir = Path(tag_dir), Path(out_dir)
+    check_target(out_dir, overwrite=overwrite)
+    if not pretrained or not lora_export.is_lora_checkpoint(tag_dir):
+        raise ExportError(f"--adapter-only needs a checkpoint of a LoRA run (model.lora); {tag_dir} is not one")
+    return _write(None, out_dir, "", lambda tmp: lora_export.write_adapter(tag_dir, pretrained, tmp))
 
 
 def export_scratch_checkpoint(tag_dir, out_dir, *, overwrite: bool = False, max_shard_size: str = "2GB") -> Path:
@@ -121,7 +134,8 @@ def _write(model, out_dir: Path, max_shard_size: str, extras) -> Path:
     tmp = out_dir.parent / f".{out_dir.name}.export-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp, max_shard_size=max_shard_size, save_original_format=True)
+        if model is not None:
+            model.save_pretrained(tmp, max_shard_size=max_shard_size, save_original_format=True)
         extras(tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
@@ -152,10 +166,15 @@ def main(argv=None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir")
     parser.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (default 2GB)")
     parser.add_argument("--pretrained", help="the base model directory, if it moved since training")
+    parser.add_argument("--adapter-only", action="store_true",
+                        help="LoRA runs: write a PEFT adapter directory (attention adapters) instead of merging")
     args = parser.parse_args(argv)
     try:
         tag_dir, pretrained = resolve(args.checkpoint)
-        if pretrained or args.pretrained:
+        if args.adapter_only:
+            out = export_adapter(tag_dir, args.out_dir, pretrained=args.pretrained or pretrained,
+                                 overwrite=args.overwrite)
+        elif pretrained or args.pretrained:
             out = export_checkpoint(tag_dir, args.out_dir, pretrained=args.pretrained or pretrained,
                                     overwrite=args.overwrite, max_shard_size=args.max_shard_size)
         elif rundir.read_run_config(tag_dir)["config"]["model"].get("backend") == "autoep":
@@ -164,7 +183,7 @@ def main(argv=None) -> int:
         else:
             out = export_scratch_checkpoint(tag_dir, args.out_dir, overwrite=args.overwrite,
                                             max_shard_size=args.max_shard_size)
-    except (ExportError, rundir.CheckpointError, ValueError) as e:
+    except (ExportError, rundir.CheckpointError, ValueError, lora_export.LoraExportError) as e:
         print(f"ds_moe_div export: error: {e}", file=sys.stderr)
         return 2
     print(f"exported {tag_dir} -> {out}")

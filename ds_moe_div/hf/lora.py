@@ -10,17 +10,20 @@ peft's `target_parameters` on the 3-D `GroupedExperts.w1/w2/w3` [E_local, out, i
 one rank-r pair per local expert (`lora_A` [r * E_local, in], `lora_B` [out, r * E_local]). These belong
 to the experts of this rank, like the weights they adapt: they are tagged expert-parallel the way AutoEP
 tags `w1/w2/w3` (`allreduce=False`, the layer's `ep_size_N` group), so DeepSpeed reduces their gradients
-over the expert-data-parallel group only. The router stays frozen, or trains in full (`router="full"`);
-everything else is frozen. A target that matches nothing, or a MoE layer left without its expert
-adapters, is refused (peft can skip modules silently).
+over the expert-data-parallel group only. The router stays frozen, trains in full (`router="full"`), or
+gets its own LoRA on `router.gate` (`router="lora"`); everything else is frozen. A target that matches
+nothing, or a MoE layer left without its expert adapters, is refused (peft can skip modules silently).
 
-Not wired into the trainer yet: AutoEP replaces the MoE blocks inside `deepspeed.initialize`, after which
-peft can no longer be applied before the optimizer is built, and DeepSpeed's AutoEP checkpoints save only
-`w1/w2/w3` per expert. Use it in one process (EP=1) or with a model converted before initialize.
+In the trainer (`model.lora`): `prepare` converts the MoE blocks itself (this rank's experts), applies
+LoRA, draws every lora_A from the seed (independent of ep_size), and the engine is built without an
+`expert_parallel` block (the layers exist already; DeepSpeed still gives them their groups; `engine_view`
+hides them from ZeRO when no expert parameter trains). DeepSpeed's AutoEP checkpoint would write the frozen experts and not the
+expert adapters: a LoRA run saves its trainable state itself (hf/lora_checkpoint.py).
 """
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from typing import Literal
 
 from torch import nn
@@ -42,7 +45,7 @@ def attention_linear_names(model) -> list[str]:
 
 
 def apply_lora(model, *, r: int, alpha: float, attention: tuple[str, ...] | None = None, experts: bool = True,
-               router: Literal["frozen", "full"] = "frozen", verbose: bool = True):
+               router: Literal["frozen", "full", "lora"] = "frozen", dropout: float = 0.0, verbose: bool = True):
     """Wrap `model` (a converted PretrainedMoELM) with peft LoRA; returns (peft model, adapted parameter names)."""
     from peft import LoraConfig, get_peft_model
 
@@ -55,9 +58,11 @@ def apply_lora(model, *, r: int, alpha: float, attention: tuple[str, ...] | None
     if missing:
         raise LoraTargetError(f"LoRA attention target(s) {missing} match no module of this "
                               f"{model.config.model_type} model; its attention projections are {available}")
-    if not attention and not experts:
+    if not attention and not experts and router != "lora":
         raise LoraTargetError("LoRA with no attention target and experts=False adapts nothing")
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(attention) or None,
+    modules = [rf".*\.self_attn\.{name}" for name in attention] + ([r".*\.mlp\.router\.gate"] if router == "lora" else [])
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                        target_modules="^(?:" + "|".join(modules) + ")$" if modules else None,
                         target_parameters=list(EXPERT_PARAMETERS) if experts else None)
     peft_model = get_peft_model(model, config)
     for layer in layers:
@@ -90,8 +95,94 @@ def _check_adapted(model, adapted: list[str], attention, experts: bool, router: 
     routers = sum(n.endswith("router.gate.weight") for n in adapted)
     if routers != (num_moe_layers if router == "full" else 0):
         problems.append(f"router={router} but {routers} router weights are trainable")
+    router_pairs = sum(".mlp.router.gate.lora_A." in n for n in adapted)
+    if router_pairs != (num_moe_layers if router == "lora" else 0):
+        problems.append(f"router={router} but {router_pairs} of {num_moe_layers} routers have LoRA")
     unexpected = [n for n in adapted if "lora_" not in n and not n.endswith("router.gate.weight")]
     if unexpected:
         problems.append(f"not asked for: {unexpected[:5]}")
     if problems:
         raise LoraTargetError("LoRA adapted other parameters than asked: " + "; ".join(problems))
+
+
+def resolve_targets(model, targets: tuple[str, ...]) -> tuple[tuple[str, ...], bool]:
+    """model.lora.targets -> (attention projection names, experts?): "attention" = all of `self_attn`'s."""
+    available = attention_linear_names(model)
+    names = [t for t in targets if t not in ("attention", "experts")]
+    attention = tuple(available) if "attention" in targets else ()
+    attention += tuple(n for n in names if n not in attention)
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise LoraTargetError(f"model.lora.targets {unknown} match no module of this {model.config.model_type} model; "
+                              f"use \"attention\", \"experts\" or its attention projections {available}")
+    return attention, "experts" in targets
+
+
+def prepare(model, lora_cfg, *, ep_size: int, ep_rank: int, seed: int, verbose: bool = True):
+    """The trainer's LoRA model (`model.lora`): AutoEP layers for this rank's experts, LoRA applied, every
+    lora_A drawn from `seed` (expert adapters: for all experts, rank `ep_rank` taking its experts' slice), so
+    the initial adapters depend neither on ep_size nor on the RNG's history. Returns the PretrainedMoELM
+    (peft's layers inside it)."""
+    model.convert(ep_size=ep_size, ep_rank=ep_rank)
+    attention, experts = resolve_targets(model, lora_cfg.targets)
+    peft_model, _ = apply_lora(model, r=lora_cfg.r, alpha=lora_cfg.alpha, attention=attention, experts=experts,
+                               router=lora_cfg.router, dropout=lora_cfg.dropout, verbose=verbose)
+    _init_adapters(model, ep_rank=ep_rank, seed=seed)
+    object.__setattr__(model, "lora_peft_config", peft_model.peft_config["default"])  # for --adapter-only
+    object.__setattr__(model, "lora_peft_model", peft_model)  # not a submodule: for merge_and_unload
+    return model
+
+
+def _init_adapters(model, *, ep_rank: int, seed: int) -> None:
+    """peft's kaiming-uniform init of every lora_A from its own generator (seed, name order): the same on
+    every rank and for every ep_size; an expert adapter is drawn for all experts and sliced to this rank's."""
+    import math
+
+    import torch
+    named = sorted((n, p) for n, p in model.named_parameters() if ".lora_A." in n)
+    for index, (name, param) in enumerate(named):
+        rows = param.shape[0]
+        if ".mlp.experts." in name:
+            rows *= model.num_experts // _owner(model, name).num_experts
+        full = torch.empty(rows, param.shape[1])
+        bound = 1 / math.sqrt(param.shape[1])  # kaiming_uniform_(a=sqrt(5)) on fan_in
+        full.uniform_(-bound, bound, generator=torch.Generator().manual_seed(seed * 1000003 + index))
+        with torch.no_grad():
+            param.copy_(full[ep_rank * param.shape[0]:(ep_rank + 1) * param.shape[0]] if rows != param.shape[0]
+                        else full)
+
+
+def expert_adapter_parameters(model) -> list:
+    """(name, parameter) of the routed experts' LoRA tensors (this rank's experts), in name order."""
+    return [(n, p) for n, p in model.named_parameters() if ".mlp.experts." in n and "lora_" in n]
+
+
+def _owner(model, param_name: str):
+    """The peft ParamWrapper that owns `...lora_A.default.weight`."""
+    return model.get_submodule(param_name.rsplit(".lora_", 1)[0])
+
+
+class _DenseView(nn.Module):
+    """What DeepSpeed's engine sees of an AutoEP layer while no parameter of it is expert-parallel and
+    trainable: not an MoE layer (ZeRO-1/2 would assert "None of the param groups are marked as MoE"), but
+    still bound to its expert-parallel group (the engine calls this method on every module that has it)."""
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False,
+                                  folding_group_handles=None) -> None:
+        from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
+        AutoEPMoELayer.set_deepspeed_parallelism(self, use_data_before_expert_parallel_, folding_group_handles)
+
+
+@contextmanager
+def engine_view(model):
+    """Around `deepspeed.initialize` of a LoRA model: with no trainable expert-parallel parameter (no expert
+    adapters), the AutoEP layers are shown to the engine as plain modules (see _DenseView)."""
+    expert_trainable = any(p.requires_grad and getattr(p, "allreduce", True) is False for p in model.parameters())
+    layers = [] if expert_trainable else [(layer, layer.__class__) for layer in moe_layers(model)]
+    for layer, _ in layers:
+        layer.__class__ = _DenseView
+    try:
+        yield
+    finally:
+        for layer, cls in layers:
+            layer.__class__ = cls
