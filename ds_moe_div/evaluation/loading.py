@@ -175,12 +175,32 @@ def load_model_only(path, *, tag: str | None = None) -> LoadedModel:
     set_cpu_threads(info)
     cfg = eval_config(run_config["config"], 1)
     vocab = int(run_config["architecture"]["vocab_size"])
-    model = MoELanguageModel(cfg.model, vocab_size=vocab, seq_len=cfg.data.seq_len, seed=cfg.train.seed, ep_rank=0)
-    engine, dtype = _engine(model, 1, 1)
+    tokenizer = load_tokenizer(tokenizer_file)
+    if cfg.model.pretrained:  # an imported Hugging Face MoE, as load_for_eval builds it (EP=1)
+        from ds_moe_div.hf import autoep
+        from ds_moe_div.hf import session as hf_session
+        model = hf_session.build_pretrained(cfg, tokenizer_vocab=tokenizer.get_vocab_size())
+        engine, dtype = _engine(model, 1, 1, autoep=model.autoep_block(ep_size=1))
+        model.attach_routing()
+        if cfg.objectives.balance.method == "loss_free":  # route as trained: with the checkpoint's expert_bias
+            autoep.enable_expert_bias(model)
+    else:
+        model = MoELanguageModel(cfg.model, vocab_size=vocab, seq_len=cfg.data.seq_len, seed=cfg.train.seed,
+                                 ep_rank=0)
+        if cfg.objectives.balance.method == "loss_free":
+            enable_selection_bias([layer.gate for layer in model.moe_layers()])
+        engine, dtype = _engine(model, 1, 1)
     arch = checkpoint.architecture(to_dict(cfg.model), vocab, tokenizer=tokenizer_file)
     checkpoint.load(engine, tag_dir, arch=arch, rank=0, module_only=True)
     engine.eval()
-    tokenizer = load_tokenizer(tokenizer_file)
     pad_id, eos_id = special_ids(tokenizer)
+    if eos_id is None and cfg.model.pretrained:  # a hub tokenizer: its own end-of-text token
+        from ds_moe_div.evaluation.special_tokens import hf_special_ids
+        pad_id, eos_id = hf_special_ids(tokenizer, cfg.model.pretrained)
+    if eos_id is None:
+        raise checkpoint.CheckpointError(f"{tokenizer_file} has no end-of-text token (<|eos|>): generation and "
+                                         "task scoring need one")
+    if pad_id is None:
+        pad_id = eos_id  # padding is masked out of every score
     return LoadedModel(tag_dir=tag_dir, step=int(run_config.get("step", 0)), cfg=cfg, engine=engine, model=model,
                        tokenizer=tokenizer, pad_id=pad_id, eos_id=eos_id, dtype=dtype)
