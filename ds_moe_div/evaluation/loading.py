@@ -144,7 +144,7 @@ class LoadedModel:
     step: int
     cfg: ExperimentConfig
     engine: object
-    model: MoELanguageModel
+    model: MoELanguageModel  # or hf.model.PretrainedMoELM for a model.pretrained run
     tokenizer: object  # tokenizers.Tokenizer
     pad_id: int
     eos_id: int
@@ -158,7 +158,9 @@ class LoadedModel:
 
 def load_model_only(path, *, tag: str | None = None) -> LoadedModel:
     """One process, EP=1, whatever ep_size the run trained with: the weights and the checkpoint's own
-    tokenizer.json (the corpus is not needed)."""
+    tokenizer.json (the corpus is not needed). A `model.pretrained` run builds the imported Hugging Face model
+    (AutoEP layers, EP=1) and takes EOS/pad from the checkpoint's tokenizer (a hub tokenizer without <|eos|>:
+    its tokenizer_config/generation_config/config; no pad token: pad with EOS, masked out of every score)."""
     from ds_moe_div.data.tokenize import load_tokenizer, special_ids
 
     root, found = checkpoint.resolve_checkpoint(rundir.tag_dir(path, tag) if tag else path)
