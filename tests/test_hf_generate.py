@@ -1,4 +1,5 @@
-"""`generate` and `eval --tasks cloze` on a run of an imported Hugging Face MoE (one process, 2 steps):
+"""`generate` and `eval --tasks cloze` on a run of an imported Hugging Face MoE (DeepSeek-V3, Loss-Free
+balancing, trained 2 steps on 2 ranks with EP=2; generated and scored in one process with EP=1):
 greedy is deterministic, stops at EOS, and equals transformers' greedy `generate` on the exported model;
 the cloze task gives an accuracy in [0, 1]."""
 from __future__ import annotations
@@ -25,10 +26,11 @@ def _train(rank, world_size, pretrained, run_dir):
     from ds_moe_div.session import build
     from ds_moe_div.train import run
 
-    cfg = load_experiment(None, [f"model.pretrained={pretrained}", "model.moe.ep_size=1", "data.seq_len=32",
+    cfg = load_experiment(None, [f"model.pretrained={pretrained}", "model.moe.ep_size=2", "data.seq_len=32",
                                  f"data.cache_dir={run_dir}/cache", f"train.run_dir={run_dir}", "train.steps=2",
                                  "train.log_interval=1", "train.eval_interval=2", "train.eval_batches=1",
-                                 "train.save_interval=2", "train.show_progress=false"])
+                                 "train.save_interval=2", "train.show_progress=false",
+                                 "objectives.balance.method=loss_free"])
     ds = json.loads(DS_ZERO2.read_text())
     ds["scheduler"]["params"].update(warmup_num_steps=1, warmup_min_ratio=1.0)
     run(build(cfg, ds))
@@ -71,7 +73,7 @@ def _with_eos(scorer, eos):
 @pytest.fixture(scope="module")
 def run_dir(tiny_dirs, tmp_path_factory):
     directory = tmp_path_factory.mktemp("hf_generate") / "run"
-    run_on_ranks(_train, world_size=1, timeout=600, args=(str(tiny_dirs["olmoe"]), str(directory)))
+    run_on_ranks(_train, world_size=2, timeout=600, args=(str(tiny_dirs["deepseek_v3"]), str(directory)))
     return directory
 
 
