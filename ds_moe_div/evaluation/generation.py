@@ -1,4 +1,5 @@
-"""Text generation from a checkpoint: greedy or sampled (temperature, top-p), stops at <|eos|>.
+"""Text generation from a checkpoint (from scratch, or an imported `model.pretrained` run): greedy or
+sampled (temperature, top-p), stops at the tokenizer's end-of-text token (<|eos|>, or a hub tokenizer's own).
 
     python -m ds_moe_div generate runs/tiny --prompt "def add(a, b):" [--max-new-tokens 64]
         [--temperature 0 (greedy) | 0.8 --top-p 0.95 --seed 0] [--checkpoint global_step200] [--stop "\\n\\n"]

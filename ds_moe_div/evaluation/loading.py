@@ -102,30 +102,9 @@ def load_for_eval(path, *, micro_batch_size: int | None = None, show_progress: b
     if data.vocab_size > vocab:
         raise checkpoint.CheckpointError(f"the tokenizer of {cfg.data.corpus!r} has {data.vocab_size} tokens, the "
                                          f"checkpoint's model {vocab}: the data changed since training")
-    if cfg.model.uses_autoep:  # imported or backend "autoep": its AutoEP layers are built inside initialize
-        from ds_moe_div.hf import autoep, scratch
-        from ds_moe_div.hf import session as hf_session
-        if cfg.model.pretrained:
-            with working_dir(base):
-                model = hf_session.build_pretrained(cfg, tokenizer_vocab=data.vocab_size)
-        else:
-            model = scratch.build_scratch(cfg.model, vocab_size=vocab, seq_len=cfg.data.seq_len, seed=cfg.train.seed)
-        if cfg.model.lora is not None:  # base + adapters: converted and adapted here (hf/lora.py)
-            from ds_moe_div.hf import lora
-            lora.prepare(model, cfg.model.lora, ep_size=cfg.model.moe.ep_size, seed=cfg.train.seed,
-                         ep_rank=info.ep_rank(cfg.model.moe.ep_size), verbose=False)
-            engine, dtype = _engine(model, micro, info.world_size)
-        else:
-            engine, dtype = _engine(model, micro, info.world_size, autoep=model.autoep_block(ep_size=cfg.model.moe.ep_size))
-        model.attach_routing()
-        if cfg.objectives.balance.method == "loss_free":  # route as trained: with the checkpoint's expert_bias
-            autoep.enable_expert_bias(model)
-    else:
-        model = MoELanguageModel(cfg.model, vocab_size=vocab, seq_len=cfg.data.seq_len, seed=cfg.train.seed,
-                                 ep_rank=info.ep_rank(cfg.model.moe.ep_size))
-        if cfg.objectives.balance.method == "loss_free":  # route as trained: with the checkpoint's selection bias
-            enable_selection_bias([layer.gate for layer in model.moe_layers()])
-        engine, dtype = _engine(model, micro, info.world_size)
+    model, engine, dtype = _build_model(cfg, vocab=vocab, tokenizer_vocab=data.vocab_size, micro=micro,
+                                        world_size=info.world_size, ep_rank=info.ep_rank(cfg.model.moe.ep_size),
+                                        base=base)
     arch = checkpoint.architecture(to_dict(cfg.model), vocab, tokenizer=data.tokenizer_path)
     checkpoint.load(engine, tag_dir, arch=arch, rank=info.rank, module_only=True)
     if cfg.model.pretrained and cfg.model.lora is not None:  # evaluate merged weights (a router permutation
@@ -134,6 +113,38 @@ def load_for_eval(path, *, micro_batch_size: int | None = None, show_progress: b
     return LoadedCheckpoint(tag_dir=tag_dir, step=int(run_config.get("step", 0)), saved_config=saved,
                             cfg=cfg, info=info, engine=engine, model=model, data=data, micro_batch_size=micro,
                             dtype=dtype, launch_dir=base)
+
+
+
+def _build_model(cfg: ExperimentConfig, *, vocab: int, tokenizer_vocab: int, micro: int, world_size: int,
+                 ep_rank: int, base: Path):
+    """The run's model in an inference engine, routing as trained (Loss-Free biases on), weights not loaded
+    yet: an imported model, a from-scratch AutoEP one (their AutoEP layers are built inside initialize; a
+    LoRA run's are converted and adapted here, hf/lora.py), or the native one. -> (model, engine, dtype)"""
+    ep_size = cfg.model.moe.ep_size
+    if cfg.model.uses_autoep:
+        from ds_moe_div.hf import autoep, scratch
+        from ds_moe_div.hf import session as hf_session
+        if cfg.model.pretrained:
+            with working_dir(base):
+                model = hf_session.build_pretrained(cfg, tokenizer_vocab=tokenizer_vocab)
+        else:
+            model = scratch.build_scratch(cfg.model, vocab_size=vocab, seq_len=cfg.data.seq_len, seed=cfg.train.seed)
+        if cfg.model.lora is not None:
+            from ds_moe_div.hf import lora
+            lora.prepare(model, cfg.model.lora, ep_size=ep_size, seed=cfg.train.seed, ep_rank=ep_rank, verbose=False)
+            engine, dtype = _engine(model, micro, world_size)
+        else:
+            engine, dtype = _engine(model, micro, world_size, autoep=model.autoep_block(ep_size=ep_size))
+        model.attach_routing()
+        if cfg.objectives.balance.method == "loss_free":  # with the checkpoint's expert_bias
+            autoep.enable_expert_bias(model)
+        return model, engine, dtype
+    model = MoELanguageModel(cfg.model, vocab_size=vocab, seq_len=cfg.data.seq_len, seed=cfg.train.seed,
+                             ep_rank=ep_rank)
+    if cfg.objectives.balance.method == "loss_free":  # with the checkpoint's selection bias
+        enable_selection_bias([layer.gate for layer in model.moe_layers()])
+    return model, *_engine(model, micro, world_size)
 
 
 def _engine(model: MoELanguageModel, micro: int, world_size: int, autoep: dict | None = None):
@@ -155,7 +166,7 @@ class LoadedModel:
     step: int
     cfg: ExperimentConfig
     engine: object
-    model: MoELanguageModel
+    model: MoELanguageModel  # or hf.model.PretrainedMoELM for a model.pretrained run
     tokenizer: object  # tokenizers.Tokenizer
     pad_id: int
     eos_id: int
@@ -169,7 +180,9 @@ class LoadedModel:
 
 def load_model_only(path, *, tag: str | None = None) -> LoadedModel:
     """One process, EP=1, whatever ep_size the run trained with: the weights and the checkpoint's own
-    tokenizer.json (the corpus is not needed)."""
+    tokenizer.json (the corpus is not needed). A `model.pretrained` run builds the imported Hugging Face model
+    (AutoEP layers, EP=1) and takes EOS/pad from the checkpoint's tokenizer (a hub tokenizer without <|eos|>:
+    its tokenizer_config/generation_config/config; no pad token: pad with EOS, masked out of every score)."""
     from ds_moe_div.data.tokenize import load_tokenizer, special_ids
 
     root, found = checkpoint.resolve_checkpoint(rundir.tag_dir(path, tag) if tag else path)
@@ -186,20 +199,22 @@ def load_model_only(path, *, tag: str | None = None) -> LoadedModel:
     set_cpu_threads(info)
     cfg = eval_config(run_config["config"], 1)
     vocab = int(run_config["architecture"]["vocab_size"])
-    if cfg.model.backend == "autoep" and not cfg.model.pretrained:  # from scratch on the AutoEP path
-        from ds_moe_div.hf import autoep, scratch
-        model = scratch.build_scratch(cfg.model, vocab_size=vocab, seq_len=cfg.data.seq_len, seed=cfg.train.seed)
-        engine, dtype = _engine(model, 1, 1, autoep=model.autoep_block(ep_size=1))
-        model.attach_routing()
-        if cfg.objectives.balance.method == "loss_free":  # route as trained: with the checkpoint's expert_bias
-            autoep.enable_expert_bias(model)
-    else:
-        model = MoELanguageModel(cfg.model, vocab_size=vocab, seq_len=cfg.data.seq_len, seed=cfg.train.seed, ep_rank=0)
-        engine, dtype = _engine(model, 1, 1)
+    tokenizer = load_tokenizer(tokenizer_file)
+    model, engine, dtype = _build_model(cfg, vocab=vocab, tokenizer_vocab=tokenizer.get_vocab_size(), micro=1,
+                                        world_size=1, ep_rank=0, base=Path.cwd())
     arch = checkpoint.architecture(to_dict(cfg.model), vocab, tokenizer=tokenizer_file)
     checkpoint.load(engine, tag_dir, arch=arch, rank=0, module_only=True)
+    if cfg.model.pretrained and cfg.model.lora is not None:  # generate / score with merged weights
+        model.lora_peft_model.merge_and_unload()
     engine.eval()
-    tokenizer = load_tokenizer(tokenizer_file)
     pad_id, eos_id = special_ids(tokenizer)
+    if eos_id is None and cfg.model.pretrained:  # a hub tokenizer: its own end-of-text token
+        from ds_moe_div.evaluation.special_tokens import hf_special_ids
+        pad_id, eos_id = hf_special_ids(tokenizer, cfg.model.pretrained)
+    if eos_id is None:
+        raise checkpoint.CheckpointError(f"{tokenizer_file} has no end-of-text token (<|eos|>): generation and "
+                                         "task scoring need one")
+    if pad_id is None:
+        pad_id = eos_id  # padding is masked out of every score
     return LoadedModel(tag_dir=tag_dir, step=int(run_config.get("step", 0)), cfg=cfg, engine=engine, model=model,
                        tokenizer=tokenizer, pad_id=pad_id, eos_id=eos_id, dtype=dtype)
