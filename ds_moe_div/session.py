@@ -222,7 +222,7 @@ def _vocab_size(cfg: ExperimentConfig, data: PreparedData) -> int:
 def _initialize(model, ds_dict: dict, info: RankInfo, cfg: ExperimentConfig):
     import deepspeed
     trainable = [p for p in model.parameters() if p.requires_grad]  # all of them, except in a LoRA run
-    from ds_moe_div.hf.lora import engine_view
+    from ds_moe_div.hf.autoep import engine_view
     with engine_view(model) if cfg.model.lora is not None else contextlib.nullcontext():
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_dict)
     if cfg.model.uses_autoep:

@@ -80,7 +80,7 @@ def _step_on_ranks(rank, world_size, path, tag_dir, trainer_model, run_dir):
           "gradient_clipping": CLIP, "zero_allow_untested_optimizer": True,
           "zero_optimization": {"stage": 2, "contiguous_gradients": True, "reduce_scatter": True,
                                 "overlap_comm": False}}
-    with lora.engine_view(model):
+    with autoep.engine_view(model):
         engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds,
             optimizer=autoep.moe_optimizer(lambda groups: torch.optim.SGD(groups, lr=1.0)))

@@ -316,3 +316,28 @@ def from_hf_state_dict(hf_state: dict[str, torch.Tensor], model_state: dict[str,
         name = re.sub(r"\.mlp\.gate\.gate\.", ".mlp.gate.", name)  # AutoEP's router alias
         out[key] = hf_state[name]
     return out
+
+
+class _DenseView(torch.nn.Module):
+    """What DeepSpeed's engine sees of an AutoEP layer while no parameter of it is expert-parallel and
+    trainable: not an MoE layer (ZeRO-1/2 would assert "None of the param groups are marked as MoE"), but
+    still bound to its expert-parallel group (the engine calls this method on every module that has it)."""
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False,
+                                  folding_group_handles=None) -> None:
+        AutoEPMoELayer.set_deepspeed_parallelism(self, use_data_before_expert_parallel_, folding_group_handles)
+
+
+@contextmanager
+def engine_view(model):
+    """Around `deepspeed.initialize` of a LoRA model: with no trainable expert-parallel parameter (no expert
+    adapters), the AutoEP layers are shown to the engine as plain modules (see _DenseView)."""
+    expert_trainable = any(p.requires_grad and getattr(p, "allreduce", True) is False for p in model.parameters())
+    layers = [] if expert_trainable else [(layer, layer.__class__) for layer in moe_layers(model)]
+    for layer, _ in layers:
+        layer.__class__ = _DenseView
+    try:
+        yield
+    finally:
+        for layer, cls in layers:
+            layer.__class__ = cls

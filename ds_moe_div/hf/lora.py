@@ -16,14 +16,13 @@ nothing, or a MoE layer left without its expert adapters, is refused (peft can s
 
 In the trainer (`model.lora`): `prepare` converts the MoE blocks itself (this rank's experts), applies
 LoRA, draws every lora_A from the seed (independent of ep_size), and the engine is built without an
-`expert_parallel` block (the layers exist already; DeepSpeed still gives them their groups; `engine_view`
+`expert_parallel` block (the layers exist already; DeepSpeed still gives them their groups; `autoep.engine_view`
 hides them from ZeRO when no expert parameter trains). DeepSpeed's AutoEP checkpoint would write the frozen experts and not the
 expert adapters: a LoRA run saves its trainable state itself (hf/lora_checkpoint.py).
 """
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager
 from typing import Literal
 
 from torch import nn
@@ -160,29 +159,3 @@ def expert_adapter_parameters(model) -> list:
 def _owner(model, param_name: str):
     """The peft ParamWrapper that owns `...lora_A.default.weight`."""
     return model.get_submodule(param_name.rsplit(".lora_", 1)[0])
-
-
-class _DenseView(nn.Module):
-    """What DeepSpeed's engine sees of an AutoEP layer while no parameter of it is expert-parallel and
-    trainable: not an MoE layer (ZeRO-1/2 would assert "None of the param groups are marked as MoE"), but
-    still bound to its expert-parallel group (the engine calls this method on every module that has it)."""
-
-    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False,
-                                  folding_group_handles=None) -> None:
-        from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
-        AutoEPMoELayer.set_deepspeed_parallelism(self, use_data_before_expert_parallel_, folding_group_handles)
-
-
-@contextmanager
-def engine_view(model):
-    """Around `deepspeed.initialize` of a LoRA model: with no trainable expert-parallel parameter (no expert
-    adapters), the AutoEP layers are shown to the engine as plain modules (see _DenseView)."""
-    expert_trainable = any(p.requires_grad and getattr(p, "allreduce", True) is False for p in model.parameters())
-    layers = [] if expert_trainable else [(layer, layer.__class__) for layer in moe_layers(model)]
-    for layer, _ in layers:
-        layer.__class__ = _DenseView
-    try:
-        yield
-    finally:
-        for layer, cls in layers:
-            layer.__class__ = cls
