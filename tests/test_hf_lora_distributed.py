@@ -74,7 +74,7 @@ def _trainer_run(pretrained, run_dir):
 def _step_on_ranks(rank, world_size, path, tag_dir, trainer_model, run_dir):
     import deepspeed
 
-    from ds_moe_div.hf import autoep, lora, lora_checkpoint
+    from ds_moe_div.hf import autoep, lora_checkpoint
     model = _model(path, ep_size=2, ep_rank=rank)
     ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "steps_per_print": 10**9,
           "gradient_clipping": CLIP, "zero_allow_untested_optimizer": True,
