@@ -16,7 +16,7 @@ Ours adapt AutoEP's separate w1 (gate) and w3 (up) with rank r each; on the fuse
 exact rank-2r adapter per expert: A = [A_gate; A_up], B = blockdiag(B_gate, B_up), with
 `rank_pattern`/`alpha_pattern` {"gate_up_proj": 2r / 2 alpha} so that the scale alpha / r is unchanged;
 `down_proj` takes w2's adapter as is. If peft adapts other tensors on this family than ours (it can skip
-modules silently, see ../shared/spec/hf-families.md), the export is refused naming them. A router that
+modules silently), the export is refused naming them. A router that
 was trained in full or LoRA'd has no place in a PEFT adapter of transformers' router: refused with that
 reason (nothing is written); export such a run merged.
 """
