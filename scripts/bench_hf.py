@@ -7,8 +7,11 @@ the family's AutoEP block (EP=1, ZeRO-2, the shipped ds_configs/ds_zero2_cpu.jso
 with the baseline objectives (LM + L_aux), routing records included; (b) plain transformers with its
 fastest experts implementation (`grouped_mm`), forward + backward + torch AdamW. Timed round-robin
 (a, b, a, b, ...) so that drift of the machine hits both alike; prints median step time, tokens/s and the
-median over rounds of the per-round ratio (ours / plain tokens/s) with its range. Without --model-dir a
-tiny random model of --family is made in a temporary directory. Never asserted anywhere: a figure.
+median over rounds of the per-round ratio (ours / plain tokens/s) with its range. With --lora-r R (default
+8; 0: off) a third variant, LoRA post-training (r=R on attention and experts, router frozen; hf/lora.py) of
+the same model in its own engine, is timed in the same rounds, and the trainable parameters and Adam
+state of full vs LoRA fine-tuning are printed (the memory a LoRA run saves, exact, not sampled). Without
+--model-dir a tiny random model of --family is made in a temporary directory. Never asserted anywhere: a figure.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ def parse_args():
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--steps", type=int, default=3, help="timed steps per side per round")
     p.add_argument("--repeats", type=int, default=5, help="rounds")
+    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank of the third variant (0: no LoRA variant)")
     p.add_argument("--local_rank", type=int, default=-1)
     return p.parse_args()
 
@@ -66,6 +70,7 @@ def main():
         plain = load_pretrained(path).train()
         plain.set_experts_implementation("grouped_mm")
         ours = PretrainedMoELM(copy.deepcopy(plain), source=str(path))
+        lora_model = PretrainedMoELM(copy.deepcopy(plain), source=str(path)) if args.lora_r else None
     ds = engine_config(load_ds_config(DS_CPU), args.batch, 1, info.world_size, steps=10**6)
     ds["expert_parallel"] = ours.autoep_block(ep_size=1)
     engine, *_ = deepspeed.initialize(model=ours, model_parameters=list(ours.parameters()), config=ds)
@@ -87,9 +92,13 @@ def main():
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    times = {"ds_moe_div (AutoEP, l_aux)": [], "plain transformers (grouped_mm)": []}
+    steps = {"ds_moe_div (AutoEP, l_aux)": ours_step, "plain transformers (grouped_mm)": plain_step}
+    if lora_model is not None:
+        lora_engine = lora_variant(lora_model, ds, args.lora_r)
+        steps[f"ds_moe_div LoRA r={args.lora_r}"] = lambda: train_step(lora_engine, data, composer, LogWindow(), step=0)
+    times = {name: [] for name in steps}
     for round_id in range(args.repeats + 1):  # round 0 warms up
-        for name, step in zip(times, (ours_step, plain_step)):
+        for name, step in steps.items():
             start = time.perf_counter()
             for _ in range(args.steps):
                 step()
@@ -101,10 +110,36 @@ def main():
     print(f"{'':34s} {'step ms':>9s} {'tokens/s':>10s}")
     for name, ts in times.items():
         print(f"{name:34s} {1e3 * statistics.median(ts):9.1f} {tokens / statistics.median(ts):10.0f}")
-    ours_t, plain_t = times.values()
+    ours_t, plain_t, *lora_t = times.values()
     ratios = [p / o for o, p in zip(ours_t, plain_t)]  # tokens/s ours / plain = time plain / time ours
     print(f"ratio (ds_moe_div / plain tokens/s): {statistics.median(ratios):.2f} "
           f"(range {min(ratios):.2f}-{max(ratios):.2f} over {len(ratios)} rounds)")
+    if lora_t:
+        ratios = [f / lo for f, lo in zip(ours_t, lora_t[0])]
+        print(f"ratio (LoRA / full fine-tuning tokens/s): {statistics.median(ratios):.2f} "
+              f"(range {min(ratios):.2f}-{max(ratios):.2f} over {len(ratios)} rounds)")
+        full, lora = _trainable(ours), _trainable(lora_model)
+        print(f"trainable parameters: full {full:,}, LoRA {lora:,} ({lora / full:.1%}); Adam state (fp32 m, v): "
+              f"full {8 * full / 2**20:.2f} MiB, LoRA {8 * lora / 2**20:.2f} MiB")
+
+
+def lora_variant(model, ds: dict, r: int):
+    """`model` with LoRA (hf/lora.py, r, alpha 2r, attention + experts, router frozen) in its own engine."""
+    import deepspeed
+
+    from ds_moe_div.config import LoraConfig
+    from ds_moe_div.hf.lora import prepare
+
+    prepare(model, LoraConfig(r=r, alpha=2.0 * r), ep_size=1, ep_rank=0, seed=0, verbose=False)
+    config = {k: v for k, v in ds.items() if k != "expert_parallel"}  # the layers are converted already
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+                                      config=config)
+    model.attach_routing()
+    return engine
+
+
+def _trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,8 @@ def test_bench_hf_prints_the_ratio_to_plain_transformers():
     out = run_script("bench_hf.py", "--family", "qwen3_moe", "--batch", "2", "--seq", "16", "--steps", "1",
                      "--repeats", "1", timeout=180)
     for header in ("step ms", "tokens/s", "ds_moe_div (AutoEP, l_aux)", "plain transformers (grouped_mm)",
-                   "ratio (ds_moe_div / plain tokens/s)"):
+                   "ratio (ds_moe_div / plain tokens/s)", "ds_moe_div LoRA r=8", "ratio (LoRA / full fine-tuning",
+                   "trainable parameters: full"):
         assert header in out, header
 
 
