@@ -33,6 +33,8 @@ from ds_moe_div.evaluation.heldout import heldout_sums, summarize
 from ds_moe_div.guard import RunGuard
 from ds_moe_div.hf import autoep, scratch
 from ds_moe_div.hf import session as hf_session
+from ds_moe_div.hf.vocab import check_vocabulary
+from ds_moe_div.lm_loss import GlobalTokenMean
 from ds_moe_div.log_window import LogWindow
 from ds_moe_div.loss_free import LossFreeBalancer
 from ds_moe_div.metrics.accumulator import RoutingAccumulator
@@ -58,6 +60,7 @@ class TrainState:
     balancer: LossFreeBalancer | None = None  # objectives.balance.method = loss_free
     guard: RunGuard | None = None  # non-finite losses and stop signals (None: unchecked)
     lock: RunLock | None = None  # the run dir's lock (rank 0)
+    lm_mean: GlobalTokenMean | None = None  # data with a loss mask: token-weighted LM mean of the global batch
 
     def __post_init__(self):
         self.train_iter = iter(self.loader)
@@ -128,6 +131,7 @@ def _build(cfg: ExperimentConfig, ds: dict, info: RankInfo, micro: int, gas: int
     checkpoint.check_run_dir(cfg.train.run_dir, resume=cfg.train.resuming)
     if cfg.model.pretrained:
         cfg = hf_session.with_pretrained_tokenizer(cfg)
+        check_vocabulary(cfg.data.tokenizer.path, cfg.model.pretrained)  # before any data is prepared
     with main_rank_first(info):
         data = prepare_data(cfg.data, show_progress=info.is_main and cfg.train.show_progress)
     check_enough(data.splits["train"], micro * info.world_size)
@@ -172,7 +176,9 @@ def _build(cfg: ExperimentConfig, ds: dict, info: RankInfo, micro: int, gas: int
                        monitor=Monitor(rundir.tensorboard_dir(run_dir), enabled=False), micro_batch_size=micro,
                        arch=arch, window=_log_window(cfg, model, data), lock=lock,
                        balancer=_balancer(cfg, model) if loss_free else None,
-                       guard=RunGuard(max_nonfinite_steps=cfg.train.max_nonfinite_steps))
+                       guard=RunGuard(max_nonfinite_steps=cfg.train.max_nonfinite_steps),
+                       lm_mean=GlobalTokenMean(world_size=info.world_size, group=dist.group.WORLD)
+                       if cfg.data.format == "instruction" else None)
     _restore(state, resharding)
     # Only now, with every check and the checkpoint load behind us, does the run write anything. After a
     # resume, TensorBoard drops the events a killed run wrote past the checkpoint: one curve.

@@ -55,17 +55,23 @@ def load_configs(args) -> tuple[ExperimentConfig, dict]:
 
 
 def train_step(engine, batches: Iterator[dict], composer: ObjectiveComposer, window: LogWindow, *, step: int,
-               balancer=None) -> torch.Tensor:
+               balancer=None, lm_mean=None) -> torch.Tensor:
     """Optimizer step `step` (0-based): `gradient_accumulation_steps` micro-batches from `batches`, one
     engine.backward each; the losses and routing records go to `window`. `balancer` (Loss-Free
     Balancing, `loss_free.LossFreeBalancer`) counts every micro-batch and updates its biases once, after
-    the optimizer step. Returns the sum of the micro-batches' total losses (detached, on the device:
+    the optimizer step. `lm_mean` (`lm_loss.GlobalTokenMean`, data with a loss mask) makes each micro-batch's
+    LM loss its share of the global batch's token-weighted mean. Returns the sum of the micro-batches' total losses (detached, on the device:
     non-finite if any of them was)."""
     collect = composer.needs_expert_outputs or window.needs_expert_outputs
     step_loss = None
-    for _ in range(engine.gradient_accumulation_steps()):
-        batch = {k: v.to(engine.device, non_blocking=True) for k, v in next(batches).items()}
+    micro_batches = [{k: v.to(engine.device, non_blocking=True) for k, v in next(batches).items()}
+                     for _ in range(engine.gradient_accumulation_steps())]
+    if lm_mean is not None:
+        lm_mean.start_step(micro_batches)
+    for batch in micro_batches:
         out = engine(batch["input_ids"], labels_BS=batch["labels"], collect_expert_outputs=collect)
+        if lm_mean is not None:
+            out = lm_mean(out, labels_BS=batch["labels"])
         losses = composer(out, domain_ids_BS=batch["domain_ids"], step=step)
         engine.backward(losses.total)
         engine.step()
@@ -122,7 +128,7 @@ def run(state: TrainState) -> dict[str, float]:
             guard.signals:
         while state.step < train.steps:
             loss = train_step(state.engine, state.train_iter, state.composer, state.window, step=state.step,
-                              balancer=state.balancer)
+                              balancer=state.balancer, lm_mean=state.lm_mean)
             state.step += 1
             faults.inject("step", step=state.step, rank=state.info.rank)
             stop = guard.after_step(loss, step=state.step, applied=step_applied(state.engine))

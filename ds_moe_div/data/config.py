@@ -13,6 +13,8 @@ from typing import Literal
 PACKINGS = ("by_domain", "mixed")
 SAMPLINGS = ("natural", "balanced")
 UNKNOWN_LABELS = ("error", "other")
+FORMATS = ("text", "instruction")
+LOSS_ON = ("all", "response")
 MIN_VOCAB = 256 + 2  # every byte of the byte-level alphabet plus <|pad|> and <|eos|>
 
 
@@ -59,6 +61,10 @@ class DataConfig:
     `apply_label_options`). streaming re-reads the corpus on each pass instead
     of holding it in memory; the result is identical. num_proc goes to `datasets.load_dataset`; the
     tokenizer's batch API uses all cores on its own (RAYON_NUM_THREADS limits it).
+    format "instruction": each row is one example, `messages_column` (a list of {"role", "content"}) or
+    `prompt_column` + `response_column`, rendered with the chat template of the folder holding
+    tokenizer.path (see instruction.py); text_column is not read. loss_on "response" scores only the
+    response (assistant) tokens; routing statistics and domain objectives still see every real token.
     """
 
     corpus: str = "fixture"
@@ -82,6 +88,17 @@ class DataConfig:
     cache_dir: str | None = None
     hf_config: str | None = None
     hf_split: str = "train"
+    # Instruction data (see instruction.py): rows with messages_column, or prompt_column + response_column.
+    format: Literal["text", "instruction"] = "text"
+    loss_on: Literal["all", "response"] | None = None  # None: "all" for text, "response" for instruction
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    messages_column: str = "messages"
+
+    @property
+    def scored(self) -> str:
+        """Which tokens the LM loss scores: "all" or "response" (loss_on, or the format's default)."""
+        return self.loss_on or ("response" if self.format == "instruction" else "all")
 
     def __post_init__(self) -> None:
         _check(bool(self.corpus), 'corpus is empty: use "fixture", "builtin", a file/folder path or a datasets name')
@@ -106,6 +123,16 @@ class DataConfig:
         _check(self.num_proc >= 1, f"num_proc={self.num_proc}: must be >= 1")
         _check(bool(self.hf_split), "hf_split is empty: name the datasets split to read (e.g. train)")
         _check(isinstance(self.tokenizer, TokenizerConfig), "tokenizer must be a TokenizerConfig")
+        self._check_instruction()
+
+    def _check_instruction(self) -> None:
+        _check(self.format in FORMATS, f"format={self.format!r}: use one of {FORMATS}")
+        _check(self.loss_on is None or self.loss_on in LOSS_ON, f"loss_on={self.loss_on!r}: use one of {LOSS_ON} or null")
+        _check(self.loss_on != "response" or self.format == "instruction",
+               'loss_on="response" needs format="instruction": text documents have no response; '
+               'set data.format to "instruction" (prompt/response or messages columns) or loss_on to "all"')
+        for name in ("prompt_column", "response_column", "messages_column"):
+            _check(bool(getattr(self, name)), f"{name} is empty: name the column of instruction examples that holds it")
 
 
 def cache_root(cfg: DataConfig) -> Path:

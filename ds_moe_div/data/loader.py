@@ -9,7 +9,8 @@ in file order (unless shuffle), the last global step padded with rows of <|pad|>
 domain -1, so every rank runs the same number of steps with the same shapes.
 
 Batch: input_ids [B,S] int64 = tokens[:, :-1]; labels [B,S] int64 = tokens[:, 1:] (-100 where the target
-is padding); domain_ids [B,S] int64 = domains[:, :-1] (-1 = padding).
+is padding, or, for instruction data, not a response token: loss_mask 0); domain_ids [B,S] int64 =
+domains[:, :-1] (-1 = padding; prompt tokens keep their example's domain).
 """
 
 from __future__ import annotations
@@ -122,6 +123,10 @@ class BatchLoader:
         tokens_t = torch.from_numpy(tokens.astype(np.int64))
         domains_t = torch.from_numpy(domains.astype(np.int64))
         labels = tokens_t[:, 1:].masked_fill(domains_t[:, 1:] < 0, IGNORE_INDEX)
+        if self.split.loss_mask_NS1 is not None:  # instruction data: prompt targets are not scored
+            mask = np.asarray(self.split.loss_mask_NS1[index[sort]])[np.argsort(sort)]
+            mask = np.concatenate([mask, np.zeros((self.micro - len(index), mask.shape[1]), np.uint8)])
+            labels = labels.masked_fill(torch.from_numpy(mask[:, 1:] == 0), IGNORE_INDEX)
         return {"input_ids": tokens_t[:, :-1].contiguous(), "labels": labels.contiguous(),
                 "domain_ids": domains_t[:, :-1].contiguous()}
 

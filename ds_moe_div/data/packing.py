@@ -32,6 +32,9 @@ class DocStore:
         self._lengths.append(lengths.astype(np.int64))
         self._domains.append(domains.astype(np.int16))
 
+    def unlink(self) -> None:
+        self.path.unlink()
+
     def close(self) -> tuple[np.ndarray, np.ndarray]:
         """(lengths_R, domains_R) over documents (R, docs/SHAPES.md), in the order they were added."""
         cat = np.concatenate

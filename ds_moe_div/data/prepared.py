@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +13,9 @@ from .splits import SPLITS
 @dataclass(frozen=True)
 class PackedSplit:
     """Rows of seq_len+1 tokens. domains_NS1 holds each token's document domain id (-1 = padding);
-    domain_of_sequence_N the domain of each row (its only one in by_domain packing, its majority in mixed)."""
+    domain_of_sequence_N the domain of each row (its only one in by_domain packing, its majority in mixed).
+    loss_mask_NS1 (instruction data only): 1 where the token is scored as a target, 0 for prompt tokens and
+    padding; None: every non-padding target is scored."""
 
     name: str
     tokens_NS1: np.ndarray  # int32 [N, seq_len+1]
@@ -21,6 +23,7 @@ class PackedSplit:
     domain_of_sequence_N: np.ndarray  # int16 [N]
     pad_id: int
     num_domains: int
+    loss_mask_NS1: np.ndarray | None = None  # uint8 [N, seq_len+1]
 
     @property
     def seq_len(self) -> int:
@@ -33,7 +36,9 @@ class PackedSplit:
 @dataclass(frozen=True)
 class DataStats:
     """Per split: documents and tokens (EOS included) per domain name, packed sequences, padding tokens.
-    Corpus-wide: rows read and documents left out (empty, exact duplicate, beyond max_documents)."""
+    Corpus-wide: rows read and documents left out (empty, exact duplicate, beyond max_documents).
+    Instruction data only (else empty), per split: examples truncated to one row, examples dropped because
+    no response token was left, and scored target tokens."""
 
     documents: dict[str, dict[str, int]]
     tokens: dict[str, dict[str, int]]
@@ -45,6 +50,9 @@ class DataStats:
     subsampled_out: int
     unknown_as_other: tuple[str, ...]
     build_seconds: float
+    truncated_examples: dict[str, int] = field(default_factory=dict)
+    dropped_examples: dict[str, int] = field(default_factory=dict)
+    scored_tokens: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -70,8 +78,9 @@ def load_prepared(entry: Path, manifest: dict) -> PreparedData:
     splits = {}
     for name in SPLITS:
         arrays = [np.load(entry / f"{name}.{kind}.npy", mmap_mode="r") for kind in ("tokens", "domains", "seq_domain")]
-        splits[name] = PackedSplit(name, *arrays, pad_id=manifest["pad_id"],
-                                   num_domains=len(manifest["domain_names"]))
+        mask = entry / f"{name}.loss_mask.npy"
+        splits[name] = PackedSplit(name, *arrays, pad_id=manifest["pad_id"], num_domains=len(manifest["domain_names"]),
+                                   loss_mask_NS1=np.load(mask, mmap_mode="r") if mask.is_file() else None)
     return PreparedData(tokenizer_path=entry / "tokenizer.json", vocab_size=manifest["vocab_size"],
                         pad_id=manifest["pad_id"], eos_id=manifest["eos_id"],
                         domain_names=tuple(manifest["domain_names"]), splits=splits, cache_path=entry,

@@ -1,7 +1,8 @@
 """Read a corpus as rows of (text, raw label, source, row): JSONL (.gz), Parquet, or `datasets`.
 
 Every reader streams: JSONL line by line, Parquet batch by batch, `datasets` row by row (with
-streaming=True it never materialises the corpus). Rows count from 1. A missing column, a non-string
+streaming=True it never materialises the corpus). Rows count from 1. With data.format "instruction" the
+text of a row is its example as canonical JSON (examples.py). A missing column, a non-string
 text or invalid UTF-8 raises DataError naming the file, the row and the fix.
 """
 
@@ -17,6 +18,7 @@ from typing import Any
 
 from .config import DataConfig
 from .errors import DataError, at
+from .examples import canonical_example
 
 FIXTURE = Path(__file__).resolve().parent.parent / "assets" / "mini_corpus.jsonl.gz"
 BUILTIN_FILE = "corpus.jsonl.gz"
@@ -91,7 +93,24 @@ def _missing(source: str, row: int, column: str, record: Any, option: str) -> Da
                      "that holds it (dotted for nested fields, e.g. meta.pile_set_name)")
 
 
+def _extract_example(record: Any, cfg: DataConfig, source: str, row: int) -> Row:
+    """An instruction row: its example as canonical JSON text (examples.py) and its label."""
+    fields = {}
+    for column in (cfg.messages_column, cfg.prompt_column, cfg.response_column):
+        try:
+            fields[column] = get_field(record, column)
+        except KeyError:
+            pass
+    try:
+        label = get_field(record, cfg.domain_column)
+    except KeyError:
+        raise _missing(source, row, cfg.domain_column, record, "domain_column") from None
+    return canonical_example(fields, cfg, source=source, row=row), label, source, row
+
+
 def _extract(record: Any, cfg: DataConfig, source: str, row: int) -> Row:
+    if cfg.format == "instruction":
+        return _extract_example(record, cfg, source, row)
     try:
         text = get_field(record, cfg.text_column)
     except KeyError:
@@ -144,7 +163,10 @@ def _parquet_rows(path: Path, cfg: DataConfig) -> Iterator[Row]:
     pfile = pq.ParquetFile(path)
     names = pfile.schema_arrow.names
     columns = []
-    for column, option in ((cfg.text_column, "text_column"), (cfg.domain_column, "domain_column")):
+    if cfg.format == "instruction":  # whichever example columns the file has; each row is checked
+        columns = [c.split(".")[0] for c in (cfg.messages_column, cfg.prompt_column, cfg.response_column)
+                   if c.split(".")[0] in names]
+    for column, option in _parquet_required(cfg):
         top = column.split(".")[0]
         if top not in names:
             raise DataError(f"{at(source, 1)}: no column {column!r} (file has {names}); set {option} "
@@ -160,6 +182,12 @@ def _parquet_rows(path: Path, cfg: DataConfig) -> Iterator[Row]:
         for record in records:
             row += 1
             yield _extract(record, cfg, source, row)
+
+
+def _parquet_required(cfg: DataConfig) -> tuple[tuple[str, str], ...]:
+    if cfg.format == "instruction":
+        return ((cfg.domain_column, "domain_column"),)
+    return (cfg.text_column, "text_column"), (cfg.domain_column, "domain_column")
 
 
 def _datasets_rows(name: str, cfg: DataConfig) -> Iterator[Row]:

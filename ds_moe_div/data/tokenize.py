@@ -1,7 +1,8 @@
 """Byte-level BPE (`tokenizers`): train on the train split, load for evaluation, encode in batches.
 
 Special tokens <|pad|> (id 0 when trained here) and <|eos|> (id 1). No post-processor: the packer
-appends <|eos|> after every document itself.
+appends the end-of-text token after every document itself. A tokenizer given by path (a checkpoint's)
+needs neither: its own EOS and padding come from special.py.
 """
 
 from __future__ import annotations
@@ -36,12 +37,15 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, *, length: int |
     return tokenizer
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """A tokenizer.json with <|pad|> and <|eos|> (e.g. PreparedData.tokenizer_path)."""
+def load_tokenizer(path: str | Path, *, project_tokens: bool = True) -> Tokenizer:
+    """A tokenizer.json; with <|pad|> and <|eos|> unless `project_tokens` is False (a checkpoint's own
+    tokenizer, whose EOS special.py finds)."""
     try:
         tokenizer = Tokenizer.from_file(str(path))
     except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception for bad files
         raise DataError(f"{path}: not a loadable tokenizer.json ({e}); check tokenizer.path") from None
+    if not project_tokens:
+        return tokenizer
     missing = [token for token in (PAD, EOS) if tokenizer.token_to_id(token) is None]
     if missing:
         raise DataError(f"{path}: tokenizer lacks special tokens {missing}; add them "
@@ -49,8 +53,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     return tokenizer
 
 
-def special_ids(tokenizer: Tokenizer) -> tuple[int, int]:
-    """(pad_id, eos_id)."""
+def special_ids(tokenizer: Tokenizer) -> tuple[int | None, int | None]:
+    """(pad_id, eos_id) of the project's <|pad|>/<|eos|> (None where absent; see special.py otherwise)."""
     return tokenizer.token_to_id(PAD), tokenizer.token_to_id(EOS)
 
 
