@@ -1,6 +1,6 @@
 """`python -m ds_moe_div train` on a tiny imported chat model (tokenizer without pad token, EOS <|im_end|>,
 ChatML template) with instruction data: a few steps with the divergence objective (domain labels per
-example), routing statistics and a held-out evaluation; then a tokenizer bigger than the embedding is
+example), routing statistics and a held-out evaluation, `eval` on the test split's response tokens; then a tokenizer bigger than the embedding is
 refused before anything is written."""
 from __future__ import annotations
 
@@ -54,6 +54,12 @@ def test_train_on_instruction_data_with_the_checkpoint_tokenizer(tmp_path):
     assert manifest["pad_id"] == manifest["eos_id"] and manifest["domain_names"] == ["code", "math"]
     assert manifest["stats"]["scored_tokens"]["train"] > 0
     assert json.loads((run_dir / "config.json").read_text())["data"]["format"] == "instruction"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    evaluated = run_command([sys.executable, "-m", "ds_moe_div", "eval", "--run-dir", str(run_dir), "--max-batches",
+                             "1", "--permutation-seeds", "1", "--no-progress"], cwd=tmp_path, env=env, timeout=300)
+    assert evaluated.returncode == 0, evaluated.stdout[-3000:]
+    report = json.loads(next((run_dir / "eval").rglob("report.json")).read_text())
+    assert report["tokens"] == manifest["stats"]["scored_tokens"]["test"] > 0  # held-out loss on responses only
 
     from tokenizers import Tokenizer  # a tokenizer with more ids than the embedding: refused, nothing written
     big = Tokenizer.from_file(str(tmp_path / "chat" / "tokenizer.json"))
