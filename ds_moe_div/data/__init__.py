@@ -5,8 +5,10 @@
     loader = BatchLoader(data.splits["train"], micro_batch_size=8, rank=rank, world_size=world_size)
 
 Modules: config (settings), readers (JSONL/Parquet/datasets rows), labels (label maps), documents (the
-validating pass), splits (stratified split), tokenize (byte-level BPE), packing (rows + domain ids),
-cache (keys, atomic entries), prepare (the pipeline), prepared (result types), loader (batches).
+validating pass), splits (stratified split), tokenize (byte-level BPE), special (EOS and padding of any
+tokenizer), packing (rows + domain ids), cache (keys, atomic entries), prepare (the pipeline), prepared
+(result types), loader (batches). Instruction data (format "instruction"): examples (rows as examples),
+instruction (chat template, loss mask), example_packing (whole examples per row).
 """
 
 from .config import DataConfig, TokenizerConfig

@@ -185,6 +185,9 @@ def _example_stats(cut: np.ndarray, packed: dict) -> dict:
 def _build(cfg: DataConfig, source: Source, entry: Path, tokenizer_cache: Path, parts: dict,
            show_progress: bool) -> None:
     start = time.perf_counter()
+    if cfg.tokenizer.path:  # a given tokenizer without any EOS is refused before the corpus is read
+        path = Path(cfg.tokenizer.path).expanduser()
+        special_token_ids(load_tokenizer(path, project_tokens=False), path.parent, source=path)
     scan = scan_corpus(source, cfg, show_progress=show_progress)
     names = scan.scheme.domain_names
     split_R = assign_splits(scan.domain_R, names, val_fraction=cfg.val_fraction,
