@@ -194,3 +194,32 @@ def test_vocabulary_bigger_than_embedding_is_refused(chat_dir, tmp_path):
     with pytest.raises(ValueError, match=rf"ids up to {rows + 4} \({rows + 5} rows\).*embeds only {rows} tokens.*"
                                          "leave data.tokenizer.path unset"):
         check_vocabulary(tmp_path / "tokenizer.json", chat_dir)
+
+
+def test_parquet_rows_and_a_tokenizer_trained_here(tmp_path):
+    """Parquet with messages (null where a row has prompt/response); no tokenizer.path: a BPE trained on the
+    examples' plain text, prompt + response + <|eos|>, and messages refused (no template)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": f"Question {i}:", "response": f" answer {i}.", "messages": None, "domain": "ab"[i % 2]}
+            for i in range(40)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    cfg = DataConfig(corpus=str(tmp_path / "d.parquet"), format="instruction", seq_len=32,
+                     cache_dir=str(tmp_path / "cache"), tokenizer=TokenizerConfig(vocab_size=300, min_frequency=1))
+    data = prepare_data(cfg, show_progress=False)
+    assert data.stats.documents["train"]["a"] + data.stats.documents["train"]["b"] > 30
+    tokenizer = load_tokenizer(data.tokenizer_path)
+    split = data.splits["train"]
+    row, mask = split.tokens_NS1[0].tolist(), split.loss_mask_NS1[0].tolist()
+    assert row[0] != data.eos_id and data.eos_id == tokenizer.token_to_id("<|eos|>")
+    first_end = row.index(data.eos_id)
+    text = tokenizer.decode(row[:first_end])
+    assert text.startswith("Question ") and " answer " in text
+    prompt_len = len(tokenizer.encode(text[:text.index(" answer")], add_special_tokens=False).ids)
+    assert mask[:first_end + 1] == [0] * prompt_len + [1] * (first_end + 1 - prompt_len)
+    messages = [{"prompt": None, "response": None, "messages": CONVERSATION, "domain": "a"}] * 1
+    pq.write_table(pa.Table.from_pylist(rows + messages), tmp_path / "m.parquet")
+    with pytest.raises(DataError, match="messages example needs a chat template"):
+        prepare_data(DataConfig(corpus=str(tmp_path / "m.parquet"), format="instruction", seq_len=32,
+                                cache_dir=str(tmp_path / "cache"), tokenizer=cfg.tokenizer), show_progress=False)
