@@ -1,6 +1,6 @@
 """`python -m ds_moe_div train` on a tiny imported chat model (tokenizer without pad token, EOS <|im_end|>,
 ChatML template) with instruction data: a few steps with the divergence objective (domain labels per
-example), routing statistics and a held-out evaluation, `eval` on the test split's response tokens; then a tokenizer bigger than the embedding is
+example), routing statistics and a held-out evaluation, `eval` on the test split's response tokens and `generate` with the checkpoint's tokenizer; then a tokenizer bigger than the embedding is
 refused before anything is written."""
 from __future__ import annotations
 
@@ -60,6 +60,9 @@ def test_train_on_instruction_data_with_the_checkpoint_tokenizer(tmp_path):
     assert evaluated.returncode == 0, evaluated.stdout[-3000:]
     report = json.loads(next((run_dir / "eval").rglob("report.json")).read_text())
     assert report["tokens"] == manifest["stats"]["scored_tokens"]["test"] > 0  # held-out loss on responses only
+    generated = run_command([sys.executable, "-m", "ds_moe_div", "generate", str(run_dir), "--prompt", "What is 2?",
+                             "--max-new-tokens", "4"], cwd=tmp_path, env=env, timeout=300)
+    assert generated.returncode == 0 and "--- prompt 0" in generated.stdout, generated.stdout[-3000:]
 
     from tokenizers import Tokenizer  # a tokenizer with more ids than the embedding: refused, nothing written
     big = Tokenizer.from_file(str(tmp_path / "chat" / "tokenizer.json"))

@@ -199,7 +199,7 @@ def load_model_only(path, *, tag: str | None = None) -> LoadedModel:
     set_cpu_threads(info)
     cfg = eval_config(run_config["config"], 1)
     vocab = int(run_config["architecture"]["vocab_size"])
-    tokenizer = load_tokenizer(tokenizer_file)
+    tokenizer = load_tokenizer(tokenizer_file, project_tokens=False)  # a checkpoint's own: EOS found below
     model, engine, dtype = _build_model(cfg, vocab=vocab, tokenizer_vocab=tokenizer.get_vocab_size(), micro=1,
                                         world_size=1, ep_rank=0, base=Path.cwd())
     arch = checkpoint.architecture(to_dict(cfg.model), vocab, tokenizer=tokenizer_file)

@@ -42,7 +42,7 @@ def relabelled_split(cfg: DataConfig, data: PreparedData, split: str, *, column:
     index = SPLITS.index(split)
     rows = np.flatnonzero(run_split_R == index)
     texts = [text for row, text in iter_documents(source, cfg, run_scan) if run_split_R[row] == index]
-    ids, lengths = encode_documents(load_tokenizer(data.tokenizer_path), texts, data.eos_id)
+    ids, lengths = encode_documents(load_tokenizer(data.tokenizer_path, project_tokens=False), texts, data.eos_id)
     domains_R = run_scan.domain_R[rows]
     labels = np.repeat(true_R[rows], lengths).astype(np.int32)
     with tempfile.TemporaryDirectory() as tmp:

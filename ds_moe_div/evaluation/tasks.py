@@ -89,7 +89,7 @@ def run_tasks(args, loaded, split, names) -> dict:
     from ds_moe_div.evaluation.scoring import ModelScorer
 
     data = loaded.data
-    scorer = ModelScorer(loaded.model, load_tokenizer(data.tokenizer_path), eos_id=data.eos_id, pad_id=data.pad_id,
+    scorer = ModelScorer(loaded.model, load_tokenizer(data.tokenizer_path, project_tokens=False), eos_id=data.eos_id, pad_id=data.pad_id,
                          max_length=loaded.cfg.data.seq_len, batch_size=args.task_batch_size)
     out: dict = {}
     if "cloze" in args.tasks:
