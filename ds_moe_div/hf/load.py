@@ -149,6 +149,16 @@ def load_pretrained(path, *, ep_size: int = 1, dtype: torch.dtype = torch.float3
     return model.eval()
 
 
+def load_pretrained_sharded(path, *, ep_size: int = 1, dtype: torch.dtype = torch.float32):
+    """Checked like `load_pretrained`, then (transformers model without its routed experts, ExpertSource):
+    see hf/shard_load.py. The experts are read into AutoEP's layers, each rank its own."""
+    from ds_moe_div.hf.shard_load import load_sharded
+
+    config, family = read_config(path)
+    files = check_checkpoint(path, config, family, ep_size=ep_size)
+    return load_sharded(path, config, family, files, dtype=dtype)
+
+
 def load_tokenizer(path):
     """The checkpoint's own tokenizer (tokenizer.json / tokenizer_config.json in `path`)."""
     from transformers import AutoTokenizer

@@ -20,7 +20,7 @@ from torch import nn
 from ds_moe_div.data.loader import IGNORE_INDEX
 from ds_moe_div.hf import autoep
 from ds_moe_div.hf.families import Family, family_of
-from ds_moe_div.hf.load import load_pretrained
+from ds_moe_div.hf.load import load_pretrained, load_pretrained_sharded
 from ds_moe_div.model import ModelOutput
 
 
@@ -37,8 +37,18 @@ class PretrainedMoELM(nn.Module):
         object.__setattr__(self, "hf_model", hf_model)  # not a submodule: its modules are ours already
 
     @classmethod
-    def from_pretrained(cls, path, *, ep_size: int = 1) -> PretrainedMoELM:
-        return cls(load_pretrained(path, ep_size=ep_size), source=str(path))
+    def from_pretrained(cls, path, *, ep_size: int = 1, sharded: bool = True) -> PretrainedMoELM:
+        """The checkpoint in `path`, checked first (hf/load.py). `sharded` (default): everything but the routed
+        experts is read now; each rank's experts are read into AutoEP's layers as `deepspeed.initialize` (or
+        `convert`) builds them, and no rank reads another's (hf/shard_load.py). `sharded=False`: transformers
+        loads every expert on every rank and AutoEP slices them (same values, the whole model in memory)."""
+        if not sharded:
+            return cls(load_pretrained(path, ep_size=ep_size), source=str(path))
+        hf_model, experts = load_pretrained_sharded(path, ep_size=ep_size)
+        model = cls(hf_model, source=str(path))
+        object.__setattr__(model, "expert_source", experts)  # its reader records what was read
+        autoep.fill_experts_when_replaced(model, experts.fill)
+        return model
 
     @property
     def num_experts(self) -> int:
