@@ -128,10 +128,12 @@ class ExpertSource:
                 dst, i = target[name]
                 dst[i].copy_(value)
         for attr, value in (("w1", w1), ("w2", w2), ("w3", w3)):
-            old = experts._parameters[attr]
-            new = nn.Parameter(value, requires_grad=old.requires_grad)
-            new.__dict__.update(old.__dict__)  # AutoEP's tags: allreduce, group_name, placement metadata
-            experts._parameters[attr] = new
+            # The same Parameter object, now holding the values: DeepSpeed has already recorded it (by id)
+            # as the replacement of the block's source experts, to put it into the optimizer's groups.
+            param = experts._parameters[attr]
+            filled = nn.Parameter(value, requires_grad=param.requires_grad)
+            filled.__dict__.update(param.__dict__)  # AutoEP's tags: allreduce, group_name, placement metadata
+            torch.utils.swap_tensors(param, filled)
         self.pending.discard(block_name)
 
 
