@@ -43,8 +43,8 @@ def memory_name(disk_name: str) -> str:
 
 
 class ShardReader:
-    """Reads named tensors from a checkpoint's safetensors files, memory-mapped, each file opened once per
-    batch of reads and closed after it; every returned tensor owns its memory (the mapping is dropped)."""
+    """Reads named tensors from a checkpoint's safetensors files, memory-mapped; every returned tensor owns
+    its memory and the mapping is closed before the next read."""
 
     def __init__(self, files: list[Path]) -> None:
         self.file_of: dict[str, Path] = {}
@@ -61,13 +61,16 @@ class ShardReader:
         for request in requests:
             by_file[self.file_of[request[0]]].append(request)
         for file in sorted(by_file):
-            with safe_open(str(file), framework="pt") as f:
-                for name, rows in by_file[file]:
+            for name, rows in by_file[file]:
+                # One mapping per tensor: an open file keeps every page read through it resident (and counted
+                # in the process's RSS) until it is closed, so each is closed before the next tensor is read.
+                with safe_open(str(file), framework="pt") as f:
                     view = f.get_tensor(name) if rows is None else f.get_slice(name)[rows[0]:rows[1]]
-                    self.reads.append((name, rows))
-                    # A copy that owns its memory: the memory-mapped pages are released with `view`.
-                    yield (name, rows), view.to(dtype=dtype, copy=True)
+                    value = view.to(dtype=dtype, copy=True)  # owns its memory
                     del view
+                self.reads.append((name, rows))
+                yield (name, rows), value
+                del value
 
 
 def _is_routed_expert(name: str) -> bool:
