@@ -176,3 +176,11 @@ def test_engine_state_after_initialize_equals_whole_model_loading(tiny_dirs, wor
             e_local = 8 // world_size
             experts = {int(name.split(".experts.")[1].split(".")[0]) for name, _ in ours["reads"]}
             assert experts == set(range(rank * e_local, (rank + 1) * e_local)), (rank, family)
+
+
+def test_moving_the_model_before_autoep_built_its_layers_is_refused_naming_the_fix(tiny_dirs):
+    model = PretrainedMoELM.from_pretrained(tiny_dirs["olmoe"], ep_size=2)
+    with pytest.raises(RuntimeError, match="expert_parallel block to deepspeed.initialize, or call model.convert"):
+        model.to("cpu")
+    model.convert(ep_size=2, ep_rank=0)
+    model.to("cpu")  # every expert is read now
