@@ -22,6 +22,8 @@ the OS (malloc_trim), then the kernel's peak RSS (VmHWM) is reset (/proc/self/cl
 (hf/shard_load.py, the default) at EP=1 and each rank of EP=--memory-ep, and the whole-model path
 (transformers loads everything, AutoEP slices) for comparison. --experts / --expert-width / --hidden /
 --layers make the random model larger (so that expert weights dominate); --no-throughput skips section one.
+--memory also prints the peak host memory of a training process, full fine-tuning vs LoRA r=--lora-r (load,
+engine and --steps steps of --batch x --seq tokens at EP=1; fresh subprocess each, VmHWM minus RSS after imports).
 """
 from __future__ import annotations
 
@@ -64,6 +66,7 @@ def parse_args():
     p.add_argument("--ep-size", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--ep-rank", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--whole", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--measure-train", choices=("full", "lora"), help=argparse.SUPPRESS)  # with --measure-load
     return p.parse_args()
 
 
@@ -85,6 +88,9 @@ def batches(vocab: int, batch: int, seq: int):
 def main():
     args = parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if args.measure_load and args.measure_train:
+        print(json.dumps(measure_train(args.measure_load, args)))
+        return
     if args.measure_load:
         print(json.dumps(measure_load(args.measure_load, ep_size=args.ep_size, ep_rank=args.ep_rank,
                                       sharded=not args.whole)))
@@ -100,6 +106,7 @@ def main():
             throughput(args, path)
         if args.memory:
             memory_section(path, ep=args.memory_ep)
+            train_memory_section(path, args)
 
 
 def throughput(args, path: Path):
@@ -241,6 +248,62 @@ def memory_section(path: Path, *, ep: int) -> None:
         mib = 2**20
         print(f"{label:48s} {ep_size:4d} {ep_rank:4d} {m['share_bytes'] / mib:10.2f} {m['expert_bytes'] / mib:11.2f} "
               f"{m['peak_bytes'] / mib:9.2f} {m['peak_bytes'] / m['share_bytes']:10.2f}")
+
+
+def measure_train(path: str, args) -> dict:
+    """Peak RSS growth of building the model, its engine (EP=1, ZeRO-2 config of the throughput section) and
+    running --steps training steps, full fine-tuning or LoRA r=--lora-r: weights, gradients, optimizer state
+    and activations together."""
+    import deepspeed
+
+    from ds_moe_div.composer import ObjectiveComposer
+    from ds_moe_div.config import ObjectivesConfig
+    from ds_moe_div.distributed import init_distributed
+    from ds_moe_div.ds_config import engine_config, load_ds_config
+    from ds_moe_div.hf.load import read_config
+    from ds_moe_div.hf.model import PretrainedMoELM
+    from ds_moe_div.log_window import LogWindow
+    from ds_moe_div.train import train_step
+
+    info = init_distributed()
+    vocab = read_config(path)[0].vocab_size
+    _release_freed_memory()
+    before = _kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    model = PretrainedMoELM.from_pretrained(path)
+    ds = engine_config(load_ds_config(DS_CPU), args.batch, 1, info.world_size, steps=10**6)
+    if args.measure_train == "lora":
+        engine = lora_variant(model, ds, args.lora_r)
+    else:
+        ds["expert_parallel"] = model.autoep_block(ep_size=1)
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds)
+        model.attach_routing()
+    composer = ObjectiveComposer(ObjectivesConfig(), num_domains=1)
+    data = batches(vocab, args.batch, args.seq)
+    for step in range(args.steps):
+        train_step(engine, data, composer, LogWindow(), step=step)
+    return {"peak_bytes": (_kib("VmHWM") - before) * 1024, "trainable": _trainable(model)}
+
+
+def train_memory_section(path: Path, args) -> None:
+    """Full fine-tuning vs LoRA: peak host memory of a training process (fresh subprocess each)."""
+    if not args.lora_r:
+        return
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    peaks = {}
+    for variant in ("full", "lora"):
+        cmd = [sys.executable, __file__, "--measure-load", str(path), "--measure-train", variant, "--batch",
+               str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps), "--lora-r", str(args.lora_r)]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800, check=True).stdout
+        peaks[variant] = json.loads(out.strip().splitlines()[-1])
+    full, lora = peaks["full"], peaks["lora"]
+    print(f"== peak host memory of training, EP=1, {args.batch}x{args.seq} tokens, {args.steps} steps (load + engine + "
+          f"steps; fresh subprocess each) ==")
+    print(f"full fine-tuning: {full['peak_bytes'] / 2**20:.2f} MiB ({full['trainable']:,} trainable); LoRA r="
+          f"{args.lora_r}: {lora['peak_bytes'] / 2**20:.2f} MiB ({lora['trainable']:,} trainable); "
+          f"ratio (LoRA / full): {lora['peak_bytes'] / full['peak_bytes']:.2f}, difference "
+          f"{(full['peak_bytes'] - lora['peak_bytes']) / 2**20:.2f} MiB (both include the same one-time imports "
+          f"and engine set-up)")
 
 
 def _trainable(model) -> int:
