@@ -184,3 +184,22 @@ def test_moving_the_model_before_autoep_built_its_layers_is_refused_naming_the_f
         model.to("cpu")
     model.convert(ep_size=2, ep_rank=0)
     model.to("cpu")  # every expert is read now
+
+
+def _same_after_convert(path, *, ep_size: int, ep_rank: int) -> PretrainedMoELM:
+    ours = PretrainedMoELM.from_pretrained(path, ep_size=ep_size)
+    ours.convert(ep_size=ep_size, ep_rank=ep_rank)
+    today = PretrainedMoELM.from_pretrained(path, ep_size=ep_size, sharded=False)
+    today.convert(ep_size=ep_size, ep_rank=ep_rank)
+    _assert_same(ours, today)
+    return ours
+
+
+def test_tied_embeddings_and_a_bf16_checkpoint(tiny_dirs, tmp_path):
+    from ds_moe_div.hf.tiny import make_tiny
+    tied = make_tiny(family="qwen3_moe", out_dir=tmp_path / "tied", overrides={"tie_word_embeddings": True})
+    ours = _same_after_convert(tied, ep_size=2, ep_rank=1)
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight  # lm_head is not on disk: still tied
+    load_pretrained(tiny_dirs["olmoe"]).to(torch.bfloat16).save_pretrained(tmp_path / "bf16", max_shard_size="64KB")
+    ours = _same_after_convert(tmp_path / "bf16", ep_size=2, ep_rank=1)  # cast to fp32 as transformers does
+    assert {t.dtype for t in ours.state_dict().values()} == {torch.float32}
