@@ -8,7 +8,8 @@ Memory: the transformers model is built on the meta device (no weight allocated,
 `from_pretrained` does); every non-expert tensor is then read from the memory-mapped safetensors, copied
 into its own CPU tensor and the mapping dropped, one shard file at a time. The routed experts stay on the
 meta device: AutoEP's `AutoEPMoELayer` slices them to the rank's experts without reading a value
-(`repack_expert_weights` on meta tensors), and as each layer is built `ExpertSource.fill` reads exactly
+(`repack_expert_weights` on meta tensors, into a `GroupedExperts` that hf/autoep.py has built on the meta
+device too), and as each layer is built `ExpertSource.fill` reads exactly
 that rank's experts (`safe_open(...).get_slice(name)[lo:hi]` for a fused file, the per-expert hub tensors
 `...experts.{e}.gate_proj/up_proj/down_proj.weight` otherwise) into its `w1`/`w3`/`w2`. Other ranks'
 experts are never read. Peak host memory is the rank's share plus one tensor in flight.
