@@ -12,13 +12,29 @@ median over rounds of the per-round ratio (ours / plain tokens/s) with its range
 the same model in its own engine, is timed in the same rounds, and the trainable parameters and Adam
 state of full vs LoRA fine-tuning are printed (the memory a LoRA run saves, exact, not sampled). Without
 --model-dir a tiny random model of --family is made in a temporary directory. Never asserted anywhere: a figure.
+
+With --memory, a second section: peak host memory while an imported model is loaded, per EP rank, against
+the rank's share of the weights (its tensors after loading: every non-expert tensor plus its experts).
+Each measurement runs in a fresh subprocess: imports and one warm-up load first, freed memory returned to
+the OS (malloc_trim), then the kernel's peak RSS (VmHWM) is reset (/proc/self/clear_refs) and the load
+(`PretrainedMoELM.from_pretrained` + `convert(ep_size, ep_rank)`: AutoEP's layer replacement, as inside
+`deepspeed.initialize`) runs; peak = VmHWM - RSS just before the load. Rows: the shard-by-shard path
+(hf/shard_load.py, the default) at EP=1 and each rank of EP=--memory-ep, and the whole-model path
+(transformers loads everything, AutoEP slices) for comparison. --experts / --expert-width / --hidden /
+--layers make the random model larger (so that expert weights dominate); --no-throughput skips section one.
+--memory also prints the peak host memory of a training process, full fine-tuning vs LoRA r=--lora-r (load,
+engine and --steps steps of --batch x --seq tokens at EP=1; fresh subprocess each, VmHWM minus RSS after imports).
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
+import re
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,7 +55,27 @@ def parse_args():
     p.add_argument("--repeats", type=int, default=5, help="rounds")
     p.add_argument("--lora-r", type=int, default=8, help="LoRA rank of the third variant (0: no LoRA variant)")
     p.add_argument("--local_rank", type=int, default=-1)
+    p.add_argument("--memory", action="store_true", help="also measure peak host memory while loading, per EP rank")
+    p.add_argument("--memory-ep", type=int, default=2, help="the EP size of the --memory ranks")
+    p.add_argument("--no-throughput", action="store_true", help="skip the throughput section")
+    p.add_argument("--experts", type=int, help="routed experts of the random model (default: the tiny config's)")
+    p.add_argument("--expert-width", type=int, help="expert width I of the random model")
+    p.add_argument("--hidden", type=int, help="hidden size of the random model")
+    p.add_argument("--layers", type=int, help="layers of the random model")
+    p.add_argument("--measure-load", help=argparse.SUPPRESS)  # the subprocess of --memory: a model directory
+    p.add_argument("--ep-size", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--ep-rank", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--whole", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--measure-train", choices=("full", "lora"), help=argparse.SUPPRESS)  # with --measure-load
     return p.parse_args()
+
+
+def random_model_overrides(args) -> dict:
+    from ds_moe_div.hf.families import FAMILIES
+    family = FAMILIES[args.family]
+    picked = {family.num_experts_attr: args.experts, family.expert_width_attr: args.expert_width,
+              "hidden_size": args.hidden, "num_hidden_layers": args.layers}
+    return {k: v for k, v in picked.items() if v is not None}
 
 
 def batches(vocab: int, batch: int, seq: int):
@@ -52,6 +88,28 @@ def batches(vocab: int, batch: int, seq: int):
 def main():
     args = parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if args.measure_load and args.measure_train:
+        print(json.dumps(measure_train(args.measure_load, args)))
+        return
+    if args.measure_load:
+        print(json.dumps(measure_load(args.measure_load, ep_size=args.ep_size, ep_rank=args.ep_rank,
+                                      sharded=not args.whole)))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(args.model_dir) if args.model_dir else None
+        if path is None:
+            from ds_moe_div.hf.tiny import make_tiny
+            overrides = random_model_overrides(args)
+            path = make_tiny(family=args.family, out_dir=Path(tmp) / "m", overrides=overrides,
+                             max_shard_size="100MB" if overrides else "64KB")
+        if not args.no_throughput:
+            throughput(args, path)
+        if args.memory:
+            memory_section(path, ep=args.memory_ep)
+            train_memory_section(path, args)
+
+
+def throughput(args, path: Path):
     import deepspeed
 
     from ds_moe_div.composer import ObjectiveComposer
@@ -60,17 +118,14 @@ def main():
     from ds_moe_div.ds_config import engine_config, load_ds_config
     from ds_moe_div.hf.load import load_pretrained
     from ds_moe_div.hf.model import PretrainedMoELM
-    from ds_moe_div.hf.tiny import make_tiny
     from ds_moe_div.log_window import LogWindow
     from ds_moe_div.train import train_step
 
     info = init_distributed()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(args.model_dir) if args.model_dir else make_tiny(family=args.family, out_dir=Path(tmp) / "m")
-        plain = load_pretrained(path).train()
-        plain.set_experts_implementation("grouped_mm")
-        ours = PretrainedMoELM(copy.deepcopy(plain), source=str(path))
-        lora_model = PretrainedMoELM(copy.deepcopy(plain), source=str(path)) if args.lora_r else None
+    plain = load_pretrained(path).train()
+    plain.set_experts_implementation("grouped_mm")
+    ours = PretrainedMoELM(copy.deepcopy(plain), source=str(path))
+    lora_model = PretrainedMoELM(copy.deepcopy(plain), source=str(path)) if args.lora_r else None
     ds = engine_config(load_ds_config(DS_CPU), args.batch, 1, info.world_size, steps=10**6)
     ds["expert_parallel"] = ours.autoep_block(ep_size=1)
     engine, *_ = deepspeed.initialize(model=ours, model_parameters=list(ours.parameters()), config=ds)
@@ -136,6 +191,119 @@ def lora_variant(model, ds: dict, r: int):
                                       config=config)
     model.attach_routing()
     return engine
+
+
+def _kib(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
+
+
+def _release_freed_memory() -> None:
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def measure_load(path: str, *, ep_size: int, ep_rank: int, sharded: bool) -> dict:
+    """Peak RSS growth while loading `path` as EP rank `ep_rank` of `ep_size` (see the module docstring)."""
+    from ds_moe_div.hf.model import PretrainedMoELM
+
+    def load():
+        model = PretrainedMoELM.from_pretrained(path, ep_size=ep_size, sharded=sharded)
+        model.convert(ep_size=ep_size, ep_rank=ep_rank)
+        return model
+
+    warm = load()  # imports, lazily built modules, DeepSpeed's AutoEP: not part of the load's memory
+    del warm
+    _release_freed_memory()
+    before = _kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the kernel's peak RSS, to the current RSS
+    model = load()
+    peak = _kib("VmHWM")
+    storages, expert_bytes = {}, 0
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        expert_bytes += t.nbytes if ".experts.w" in name else 0
+    share = sum(storages.values())
+    return {"share_bytes": share, "expert_bytes": expert_bytes, "peak_bytes": (peak - before) * 1024,
+            "rss_before_bytes": before * 1024}
+
+
+def memory_section(path: Path, *, ep: int) -> None:
+    rows = [("shard by shard", 1, 0, False), *[("shard by shard", ep, r, False) for r in range(ep)],
+            ("whole model (transformers, then AutoEP slices)", ep, 0, True)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    print(f"== peak host memory while loading {path.name} (fresh subprocess each; VmHWM reset via clear_refs, "
+          f"minus RSS before the load) ==")
+    print(f"{'path':48s} {'EP':>4s} {'rank':>4s} {'share MiB':>10s} {'experts MiB':>11s} {'peak MiB':>9s} "
+          f"{'peak/share':>10s}")
+    for label, ep_size, ep_rank, whole in rows:
+        cmd = [sys.executable, __file__, "--measure-load", str(path), "--ep-size", str(ep_size),
+               "--ep-rank", str(ep_rank), *(["--whole"] if whole else [])]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800, check=True).stdout
+        m = json.loads(out.strip().splitlines()[-1])
+        mib = 2**20
+        print(f"{label:48s} {ep_size:4d} {ep_rank:4d} {m['share_bytes'] / mib:10.2f} {m['expert_bytes'] / mib:11.2f} "
+              f"{m['peak_bytes'] / mib:9.2f} {m['peak_bytes'] / m['share_bytes']:10.2f}")
+
+
+def measure_train(path: str, args) -> dict:
+    """Peak RSS growth of building the model, its engine (EP=1, ZeRO-2 config of the throughput section) and
+    running --steps training steps, full fine-tuning or LoRA r=--lora-r: weights, gradients, optimizer state
+    and activations together."""
+    import deepspeed
+
+    from ds_moe_div.composer import ObjectiveComposer
+    from ds_moe_div.config import ObjectivesConfig
+    from ds_moe_div.distributed import init_distributed
+    from ds_moe_div.ds_config import engine_config, load_ds_config
+    from ds_moe_div.hf.load import read_config
+    from ds_moe_div.hf.model import PretrainedMoELM
+    from ds_moe_div.log_window import LogWindow
+    from ds_moe_div.train import train_step
+
+    info = init_distributed()
+    vocab = read_config(path)[0].vocab_size
+    _release_freed_memory()
+    before = _kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    model = PretrainedMoELM.from_pretrained(path)
+    ds = engine_config(load_ds_config(DS_CPU), args.batch, 1, info.world_size, steps=10**6)
+    if args.measure_train == "lora":
+        engine = lora_variant(model, ds, args.lora_r)
+    else:
+        ds["expert_parallel"] = model.autoep_block(ep_size=1)
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds)
+        model.attach_routing()
+    composer = ObjectiveComposer(ObjectivesConfig(), num_domains=1)
+    data = batches(vocab, args.batch, args.seq)
+    for step in range(args.steps):
+        train_step(engine, data, composer, LogWindow(), step=step)
+    return {"peak_bytes": (_kib("VmHWM") - before) * 1024, "trainable": _trainable(model)}
+
+
+def train_memory_section(path: Path, args) -> None:
+    """Full fine-tuning vs LoRA: peak host memory of a training process (fresh subprocess each)."""
+    if not args.lora_r:
+        return
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    peaks = {}
+    for variant in ("full", "lora"):
+        cmd = [sys.executable, __file__, "--measure-load", str(path), "--measure-train", variant, "--batch",
+               str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps), "--lora-r", str(args.lora_r)]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800, check=True).stdout
+        peaks[variant] = json.loads(out.strip().splitlines()[-1])
+    full, lora = peaks["full"], peaks["lora"]
+    print(f"== peak host memory of training, EP=1, {args.batch}x{args.seq} tokens, {args.steps} steps (load + engine + "
+          f"steps; fresh subprocess each) ==")
+    print(f"full fine-tuning: {full['peak_bytes'] / 2**20:.2f} MiB ({full['trainable']:,} trainable); LoRA r="
+          f"{args.lora_r}: {lora['peak_bytes'] / 2**20:.2f} MiB ({lora['trainable']:,} trainable); "
+          f"ratio (LoRA / full): {lora['peak_bytes'] / full['peak_bytes']:.2f}, difference "
+          f"{(full['peak_bytes'] - lora['peak_bytes']) / 2**20:.2f} MiB (both include the same one-time imports "
+          f"and engine set-up)")
 
 
 def _trainable(model) -> int:

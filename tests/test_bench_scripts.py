@@ -56,3 +56,13 @@ def test_bench_paths_prints_both_backends_and_the_ratio():
                      "--steps", "1", "--repeats", "1", timeout=180)
     for header in ("ms/step", "native", "autoep", "ratio (autoep / native step time)", "load average"):
         assert header in out, header
+
+
+def test_bench_hf_memory_prints_peak_per_rank_against_its_share():
+    pytest.importorskip("transformers")
+    out = run_script("bench_hf.py", "--family", "olmoe", "--no-throughput", "--memory", "--batch", "2", "--seq", "16",
+                     "--steps", "1", timeout=300)
+    for header in ("== peak host memory while loading", "share MiB", "peak/share", "shard by shard",
+                   "whole model (transformers, then AutoEP slices)", "== peak host memory of training",
+                   "ratio (LoRA / full)"):
+        assert header in out, header

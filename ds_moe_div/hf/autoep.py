@@ -341,3 +341,51 @@ def engine_view(model):
     finally:
         for layer, cls in layers:
             layer.__class__ = cls
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading each rank's experts straight into AutoEP's layers (hf/shard_load.py): the transformers model keeps
+# its routed experts on the meta device; AutoEP slices them to the rank's experts without reading a value,
+# and `fill(block_name, layer)` reads that slice from disk as each layer is built, inside
+# `AutoEP.replace_moe_layers` (its `on_moe_layer_replaced` callback): before the engine moves the module,
+# broadcasts it or builds the optimizer, so none of them ever sees a meta tensor.
+# ---------------------------------------------------------------------------------------------------------
+_EXPERT_FILL = "_autoep_expert_fill"
+
+
+def fill_experts_when_replaced(model, fill) -> None:
+    """Have every AutoEP replacement of `model`'s MoE blocks (by `deepspeed.initialize` or `convert`) call
+    `fill(block_name, layer)` right after the layer is built. DeepSpeed's `AutoEP.replace_moe_layers` is
+    wrapped once per process; the wrapper only acts on models that carry a fill (others pass through)."""
+    from deepspeed.module_inject.auto_ep import AutoEP
+
+    object.__setattr__(model, _EXPERT_FILL, fill)
+    if getattr(AutoEP.replace_moe_layers, "_ds_moe_div_fill", False):
+        return
+    original = AutoEP.replace_moe_layers
+
+    def replace_moe_layers(self, specs, ep_size, ep_rank, collect_sources=False, on_moe_layer_replaced=None):
+        fill_fn = getattr(self.model, _EXPERT_FILL, None)
+        if fill_fn is None:
+            return original(self, specs, ep_size, ep_rank, collect_sources, on_moe_layer_replaced)
+
+        def replaced(layer):
+            name = next(n for n, m in self.model.named_modules() if m is layer)
+            fill_fn(name, layer)
+            if on_moe_layer_replaced is not None:
+                on_moe_layer_replaced(layer)
+        # AutoEP copies each (meta) source expert slice into its GroupedExperts' parameters, which works only
+        # when those are on the meta device too: built there, they allocate nothing until `fill` runs.
+        grouped = ael.GroupedExperts
+
+        def grouped_on_meta(*args, **kwargs):
+            with torch.device("meta"):
+                return grouped(*args, **kwargs)
+        ael.GroupedExperts = grouped_on_meta
+        try:
+            return original(self, specs, ep_size, ep_rank, collect_sources, replaced)
+        finally:
+            ael.GroupedExperts = grouped
+
+    replace_moe_layers._ds_moe_div_fill = True
+    AutoEP.replace_moe_layers = replace_moe_layers

@@ -4,6 +4,8 @@ without reading a weight.
     config, family = read_config("models/tiny_olmoe")          # unsupported model_type refused here
     check_checkpoint("models/tiny_olmoe", config, family, ep_size=2)
     model = load_pretrained("models/tiny_olmoe", ep_size=2)     # both of the above, then transformers loads
+    hf_model, experts = load_pretrained_sharded("models/tiny_olmoe", ep_size=2)  # both, then shard_load.py:
+                                                                # each EP rank reads only its own experts
 
 A directory holds config.json, `model.safetensors` or shards named by `model.safetensors.index.json`, and
 tokenizer files. Checks, in order, each a `PretrainedLoadError` naming the file and the fix: the directory
@@ -11,6 +13,9 @@ and config.json exist; the model_type is one of the supported families; `num_exp
 index names only shards that exist; every shard's safetensors header is readable and the file is as long
 as the header says (a truncated download fails here); every tensor whose name maps to a model parameter
 has the shape the config implies (per-expert hub names included). Only headers are read (a few KB).
+`load_pretrained` is transformers' whole-model loading (every expert on every rank; the reference);
+`load_pretrained_sharded` (what `PretrainedMoELM.from_pretrained` uses) reads the weights shard by shard,
+each EP rank only its own experts (hf/shard_load.py), with the same values.
 """
 from __future__ import annotations
 
@@ -147,6 +152,16 @@ def load_pretrained(path, *, ep_size: int = 1, dtype: torch.dtype = torch.float3
     model = AutoModelForCausalLM.from_pretrained(Path(path), local_files_only=True, dtype=dtype,
                                                  attn_implementation="eager")
     return model.eval()
+
+
+def load_pretrained_sharded(path, *, ep_size: int = 1, dtype: torch.dtype = torch.float32):
+    """Checked like `load_pretrained`, then (transformers model without its routed experts, ExpertSource):
+    see hf/shard_load.py. The experts are read into AutoEP's layers, each rank its own."""
+    from ds_moe_div.hf.shard_load import load_sharded
+
+    config, family = read_config(path)
+    files = check_checkpoint(path, config, family, ep_size=ep_size)
+    return load_sharded(path, config, family, files, dtype=dtype)
 
 
 def load_tokenizer(path):

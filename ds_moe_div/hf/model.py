@@ -1,7 +1,7 @@
 """A pretrained Hugging Face MoE as a ds_moe_div language model: same call, same typed output as
 `ds_moe_div.model.MoELanguageModel`, so the trainer, composer, statistics and evaluation see no difference.
 
-    model = PretrainedMoELM.from_pretrained("models/tiny_olmoe")    # checked, loaded (fp32)
+    model = PretrainedMoELM.from_pretrained("models/tiny_olmoe", ep_size=2)  # checked; experts not read yet
     engine = deepspeed.initialize(model=model, config=with_autoep(ds, model, ep_size=2), ...)[0]
     model.attach_routing()                                           # after AutoEP replaced the MoE blocks
     out = model(input_ids_BS, labels_BS=labels, collect_expert_outputs=True)
@@ -9,7 +9,11 @@
 
 Module names are transformers' (`model.*`, `lm_head.*`): the backbone and head are the transformers
 model's own modules, so AutoEP's presets match `model.layers.N.mlp`, and `hf_model` (the transformers
-model object, sharing every module) still runs `generate` and transformers' own forward.
+model object, sharing every module) still runs `generate` and transformers' own forward (once converted).
+
+Loading is shard by shard (hf/shard_load.py): the routed experts are read only when AutoEP builds its layers
+inside `deepspeed.initialize` (or `convert`), each rank its own experts; peak host memory is the rank's share
+of the weights (`python scripts/bench_hf.py --memory` prints it).
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from torch import nn
 from ds_moe_div.data.loader import IGNORE_INDEX
 from ds_moe_div.hf import autoep
 from ds_moe_div.hf.families import Family, family_of
-from ds_moe_div.hf.load import load_pretrained
+from ds_moe_div.hf.load import load_pretrained, load_pretrained_sharded
 from ds_moe_div.model import ModelOutput
 
 
@@ -37,8 +41,29 @@ class PretrainedMoELM(nn.Module):
         object.__setattr__(self, "hf_model", hf_model)  # not a submodule: its modules are ours already
 
     @classmethod
-    def from_pretrained(cls, path, *, ep_size: int = 1) -> PretrainedMoELM:
-        return cls(load_pretrained(path, ep_size=ep_size), source=str(path))
+    def from_pretrained(cls, path, *, ep_size: int = 1, sharded: bool = True) -> PretrainedMoELM:
+        """The checkpoint in `path`, checked first (hf/load.py). `sharded` (default): everything but the routed
+        experts is read now; each rank's experts are read into AutoEP's layers as `deepspeed.initialize` (or
+        `convert`) builds them, and no rank reads another's (hf/shard_load.py). `sharded=False`: transformers
+        loads every expert on every rank and AutoEP slices them (same values, the whole model in memory)."""
+        if not sharded:
+            return cls(load_pretrained(path, ep_size=ep_size), source=str(path))
+        hf_model, experts = load_pretrained_sharded(path, ep_size=ep_size)
+        model = cls(hf_model, source=str(path))
+        object.__setattr__(model, "expert_source", experts)  # its reader records what was read
+        autoep.fill_experts_when_replaced(model, experts.fill)
+        return model
+
+    def _apply(self, fn, recurse=True):
+        """`.to()`, `.float()`, ... (DeepSpeed's engine moves the module after building its layers): refused
+        while routed experts still wait on the meta device for AutoEP to build the layers that read them."""
+        source = getattr(self, "expert_source", None)
+        if source is not None and source.pending:
+            raise RuntimeError(f"the routed experts of {self.source} are read when AutoEP builds its layers, which "
+                               f"has not happened yet ({len(source.pending)} MoE blocks pending): pass "
+                               f"model.autoep_block(ep_size=...) as the ds_config expert_parallel block to "
+                               f"deepspeed.initialize, or call model.convert(), first")
+        return super()._apply(fn, recurse)
 
     @property
     def num_experts(self) -> int:

@@ -52,13 +52,16 @@ def tiny_config(family: str, *, vocab_size: int, seed: int = 0):
     return builders[family]()
 
 
-def tiny_model(family: str, *, vocab_size: int, seed: int = 0):
-    """A randomly initialised transformers model of `family` with a non-trivial router (fp32, eager experts)."""
+def tiny_model(family: str, *, vocab_size: int, seed: int = 0, overrides: dict | None = None):
+    """A randomly initialised transformers model of `family` with a non-trivial router (fp32, eager experts).
+    `overrides`: config attributes to change, e.g. {"num_experts": 32} (names through the config's attribute_map)."""
     import transformers as T
 
     torch.manual_seed(seed)
-    model = T.AutoModelForCausalLM.from_config(tiny_config(family, vocab_size=vocab_size, seed=seed),
-                                               attn_implementation="eager", dtype=torch.float32)
+    config = tiny_config(family, vocab_size=vocab_size, seed=seed)
+    for key, value in (overrides or {}).items():
+        setattr(config, key, value)
+    model = T.AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -81,11 +84,13 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD)
 
 
-def make_tiny(*, family: str, out_dir: str | Path, seed: int = 0, max_shard_size: str = "64KB") -> Path:
-    """Write a tiny random checkpoint of `family` to `out_dir` (sharded safetensors + index + tokenizer)."""
+def make_tiny(*, family: str, out_dir: str | Path, seed: int = 0, max_shard_size: str = "64KB",
+              overrides: dict | None = None) -> Path:
+    """Write a tiny random checkpoint of `family` to `out_dir` (sharded safetensors + index + tokenizer);
+    `overrides` as in `tiny_model` (a larger random model of the same shape family)."""
     out = Path(out_dir)
     tokenizer = tiny_tokenizer()
-    model = tiny_model(family, vocab_size=len(tokenizer), seed=seed)
+    model = tiny_model(family, vocab_size=len(tokenizer), seed=seed, overrides=overrides)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out, max_shard_size=max_shard_size, save_original_format=True)
