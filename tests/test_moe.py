@@ -117,7 +117,8 @@ def test_activation_checkpointing_changes_no_loss_statistic_or_gradient(k, capac
     runs = {}
     for recompute in (False, True):
         moe = MoEConfig(num_experts=4, k=k, capacity_factor=capacity_factor, min_capacity=1, noisy_gate_policy=noisy)
-        cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2, d_ff=64, activation_checkpointing=recompute, moe=moe)
+        cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2, d_ff=64, activation_checkpointing=recompute, moe=moe,
+                          backend="native")
         model = MoELanguageModel(cfg, vocab_size=64, seq_len=16, seed=0).train()
         calls = []
         for layer in model.moe_layers():
