@@ -164,7 +164,7 @@ def _checkpointing_on_ep2_ranks(rank, world_size, run_dir):
     root = Path(__file__).resolve().parents[1]
     cfg = load_experiment(root / "ds_configs/experiments/smoke.json",
                           [f"train.run_dir={run_dir}", "train.show_progress=false", "model.moe.ep_size=2",
-                           "model.moe.capacity_factor=1.0"])
+                           "model.moe.capacity_factor=1.0", "model.backend=native"])
     ds = json.loads((root / "ds_configs/ds_zero2_cpu.json").read_text())
     ds["zero_optimization"] = {"stage": 0}  # ZeRO-2's gradient hooks would move .grad into its buffers
     state = build(cfg, ds)
