@@ -100,7 +100,7 @@ class ModelConfig:
     # From-scratch models only. "native": DeepSpeed's capacity-based MoE layer (ds_moe_div/model.py);
     # "autoep": this config as a small Hugging Face `family` model (transformers' from_config) on DeepSpeed's
     # dropless AutoEP layer, the path of imported models (ds_moe_div/hf/scratch.py).
-    backend: Literal["native", "autoep"] = "native"
+    backend: Literal["native", "autoep"] = "autoep"
     family: Literal["qwen3_moe", "deepseek_v3"] = "qwen3_moe"
     lora: LoraConfig | None = None  # LoRA instead of full fine-tuning (needs pretrained)
 

@@ -221,10 +221,14 @@ def read_run_config(tag_dir) -> dict:
     """A checkpoint's run_config.json: {"config": resolved experiment config, "architecture", "step"}."""
     path = run_config_path(tag_dir)
     try:
-        return json.loads(path.read_text())
+        saved = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path} is missing or corrupt ({e}); the checkpoint was not written completely: "
                               f"use another tag") from None
+    model = saved.get("config", {}).get("model") if isinstance(saved, dict) else None
+    if isinstance(model, dict) and "backend" not in model and model.get("pretrained") is None:
+        model["backend"] = "native"  # written before from-scratch models defaulted to the AutoEP layer
+    return saved
 
 
 def latest_step(run_dir) -> int | None:

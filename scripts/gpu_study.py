@@ -6,8 +6,8 @@ docs/results/gpu/. Run it through scripts/gpu_study.sh, which installs what is m
 
 The runs are those of ds_configs/sweeps/gpu_study.json (d_model 384, 6 layers, 16 experts top-2, seq 512,
 micro-batch 64 on one rank, 400 steps = 13.1M tokens per run, bf16 ZeRO-2 from
-ds_configs/ds_zero2_gpu_bf16_study.json, global-batch l_aux 1e-3, capacity 2.0 with the drop fraction
-reported, mixed packing), executed by the sweep runner with every run on its own single-rank launcher
+ds_configs/ds_zero2_gpu_bf16_study.json, global-batch l_aux 1e-3, dropless on DeepSpeed's AutoEP layer (the
+default MoE path), mixed packing), executed by the sweep runner with every run on its own single-rank launcher
 (round-robin over the visible GPUs; all six on GPU 0 when there is one), each evaluated on the whole test
 split. Sized to fit in ~9 minutes on one H100/H200 (not yet measured: no GPU was lent when it was
 written); the time it took is written to summary.md.
@@ -69,9 +69,10 @@ def describe(plan: Plan) -> str:
 
     run, cfg = plan.runs[0], plan.runs[0].config
     moe = cfg.model.moe
+    routing = "dropless (AutoEP)" if cfg.model.uses_autoep else f"capacity {moe.capacity_factor}"
     lines = [f"gpu_study: {len(plan.runs)} single-rank runs, side by side ({', '.join(r.key for r in plan.runs)})",
              (f"  model: d_model {cfg.model.d_model}, {cfg.model.n_layers} layers, {moe.num_experts} experts top-{moe.k}, "
-             f"capacity {moe.capacity_factor}, seq {cfg.data.seq_len}, {cfg.data.packing} packing"),
+             f"{routing}, seq {cfg.data.seq_len}, {cfg.data.packing} packing"),
              (f"  balance: l_aux {cfg.objectives.balance.coef:g} ({cfg.objectives.balance.scope}); L_ED 3-class "
              f"{plan.sweep.variants['ed3_0.01'].overrides}"),
              f"  {run.steps} steps, {tokens_per_run(plan):,} tokens per run; DeepSpeed file {plan.deepspeed_config}",

@@ -204,7 +204,7 @@ def _feed_own(rank, world_size):
     return _balancer_steps(rank, world_size, [rank])
 
 
-def _train_save_resume(rank, world_size, tmp):
+def _train_save_resume(rank, world_size, tmp, backend):
     import json
     from pathlib import Path
 
@@ -214,7 +214,7 @@ def _train_save_resume(rank, world_size, tmp):
 
     root = Path(__file__).resolve().parents[1]
     overrides = [f"train.run_dir={tmp}/run", "train.show_progress=false", 'objectives.balance.method="loss_free"',
-                 "objectives.balance.gamma=0.01", "train.log_interval=3"]
+                 "objectives.balance.gamma=0.01", "train.log_interval=3", f"model.backend={backend}"]
     ds = json.loads((root / "ds_configs" / "ds_zero2_cpu.json").read_text())
     cfg = load_experiment(root / "ds_configs" / "experiments" / "smoke.json", overrides)
     state = build(cfg, ds)
@@ -234,7 +234,7 @@ def _train_save_resume(rank, world_size, tmp):
     from ds_moe_div.evaluation.loading import load_for_eval
     evaluated = load_for_eval(f"{tmp}/run", show_progress=False).model.moe_layers()  # eval routes with the bias
     return {"trained": trained, "resumed": [b.clone() for b in resumed.balancer.biases], "step": resumed.step,
-            "counts": counts, "scalars": scalars, "evaluated": [m.gate._buffers[BUFFER].clone() for m in evaluated]}
+            "counts": counts, "scalars": scalars, "evaluated": [(m.expert_bias if backend == "autoep" else m.gate._buffers[BUFFER]).clone() for m in evaluated]}
 
 
 class _Bar:
@@ -243,12 +243,13 @@ class _Bar:
 
 
 @pytest.mark.slow
-def test_bias_is_trained_checkpointed_and_resumed_bit_exactly(tmp_path):
+@pytest.mark.parametrize("backend", ["autoep", "native"])
+def test_bias_is_trained_checkpointed_and_resumed_bit_exactly(tmp_path, backend):
     """Three optimizer steps of the smoke model on 2 ranks with Loss-Free Balancing: each bias is the
     update replayed on each step's global counts, the same on both ranks, and resumes bit-exactly.
     (At gamma 0.01 the untrained router's near-uniform probabilities make the bias oscillate: 0.01
     outweighs their spread, so a bias may well be back at 0 after an even number of steps.)"""
-    ranks = run_on_ranks(_train_save_resume, world_size=2, args=(str(tmp_path),), timeout=400)
+    ranks = run_on_ranks(_train_save_resume, world_size=2, args=(str(tmp_path), backend), timeout=400)
     for rank in ranks:
         assert rank["step"] == 3
         assert any(trained.abs().max() > 0 for trained in rank["trained"])  # an odd number of +-gamma steps

@@ -66,12 +66,15 @@ def _identity_and_restore(run_dir) -> dict:
         return heldout_sums(loaded.engine, islice(loader, 6), num_domains=len(loaded.data.domain_names))
 
     base = sums()
-    before = [layer.gate.wg.weight.detach().clone() for layer in layers]
+    def weight(layer):  # AutoEP router (the default path) or DeepSpeed's native gate
+        return layer.router_weight if hasattr(layer, "router_weight") else layer.gate.wg.weight
+
+    before = [weight(layer).detach().clone() for layer in layers]
     with permuted_routers(layers, [torch.arange(len(before[0]))] * len(layers)):
         identity = sums()
     with permuted_routers(layers, draw_permutations(len(layers), len(before[0]), [0])[0]):
         permuted = sums()
-    restored = all(torch.equal(layer.gate.wg.weight, b) for layer, b in zip(layers, before))
+    restored = all(torch.equal(weight(layer), b) for layer, b in zip(layers, before))
     return {"identity_equal": torch.equal(base, identity), "permuted_differs": not torch.equal(base, permuted),
             "restored": restored, "after_restore_equal": torch.equal(base, sums())}
 

@@ -28,7 +28,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing():
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "6 single-rank runs" in out and "13,107,200 tokens per run" in out
-    assert "d_model 384, 6 layers, 16 experts top-2, capacity 2.0, seq 512, mixed packing" in out
+    assert "d_model 384, 6 layers, 16 experts top-2, dropless (AutoEP), seq 512, mixed packing" in out
     assert "l_aux 0.001 (global_batch)" in out and "whole split" in out
     assert "--include localhost:0" in out and "ds_zero2_gpu_bf16_study.json" in out
     assert out.rstrip().endswith("dry run: nothing was run or written")

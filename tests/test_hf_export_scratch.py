@@ -25,13 +25,13 @@ pytest.importorskip("transformers")
 def test_refuses_what_mixtral_cannot_express():
     for override in ("model.moe.first_dense_layers=1", "model.moe.k=1", "model.moe.use_residual=true"):
         with pytest.raises(ValueError, match="no Hugging Face counterpart"):
-            check_exportable(load_experiment(None, [override]).model)
+            check_exportable(load_experiment(None, ["model.backend=native", override]).model)
 
 
 def test_scratch_checkpoint_exports_reloads_with_our_logits_and_generates(tmp_path):
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     run_dir = tmp_path / "run"
-    overrides = [f"train.run_dir={run_dir}", "train.steps=2", "train.save_interval=2", "train.eval_interval=2",
+    overrides = ["model.backend=native", f"train.run_dir={run_dir}", "train.steps=2", "train.save_interval=2", "train.eval_interval=2",
                  "train.heatmap_interval=2", f"data.cache_dir={tmp_path / 'cache'}"]
     cmd = [sys.executable, "-m", "ds_moe_div", "train", "--deepspeed_config", str(ROOT / "ds_configs/ds_zero2_cpu.json"),
            "--config", str(ROOT / "ds_configs/experiments/smoke.json")]

@@ -52,8 +52,11 @@ def test_config_maps_onto_qwen3_moe():
 
 
 def test_native_only_keys_refused_with_autoep():
-    assert load_experiment(TINY, AUTOEP).model.uses_autoep  # tiny.json's capacity keys are the defaults
-    assert not load_experiment(TINY).model.uses_autoep
+    assert load_experiment(TINY).model.uses_autoep  # the default for from-scratch models
+    assert not load_experiment(TINY, ["model.backend=native"]).model.uses_autoep
+    with pytest.raises(ValueError, match=r"model.backend='autoep'.*dropless.*model.moe.capacity_factor: remove them "
+                                         r"\(or use model.backend='native'\)"):
+        load_experiment(TINY, ["model.moe.capacity_factor=2.0"])
     with pytest.raises(ValueError, match=r"model.backend='autoep'.*dropless.*model.moe.capacity_factor, "
                                          r"model.moe.noisy_gate_policy: remove them"):
         load_experiment(TINY, [*AUTOEP, "model.moe.capacity_factor=2.0", "model.moe.noisy_gate_policy=RSample"])

@@ -117,7 +117,8 @@ def test_activation_checkpointing_changes_no_loss_statistic_or_gradient(k, capac
     runs = {}
     for recompute in (False, True):
         moe = MoEConfig(num_experts=4, k=k, capacity_factor=capacity_factor, min_capacity=1, noisy_gate_policy=noisy)
-        cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2, d_ff=64, activation_checkpointing=recompute, moe=moe)
+        cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2, d_ff=64, activation_checkpointing=recompute, moe=moe,
+                          backend="native")
         model = MoELanguageModel(cfg, vocab_size=64, seq_len=16, seed=0).train()
         calls = []
         for layer in model.moe_layers():
@@ -163,7 +164,7 @@ def _checkpointing_on_ep2_ranks(rank, world_size, run_dir):
     root = Path(__file__).resolve().parents[1]
     cfg = load_experiment(root / "ds_configs/experiments/smoke.json",
                           [f"train.run_dir={run_dir}", "train.show_progress=false", "model.moe.ep_size=2",
-                           "model.moe.capacity_factor=1.0"])
+                           "model.moe.capacity_factor=1.0", "model.backend=native"])
     ds = json.loads((root / "ds_configs/ds_zero2_cpu.json").read_text())
     ds["zero_optimization"] = {"stage": 0}  # ZeRO-2's gradient hooks would move .grad into its buffers
     state = build(cfg, ds)

@@ -79,3 +79,12 @@ def test_resolve_report_accepts_file_eval_dir_or_run_dir(tmp_path):
         assert rundir.resolve_report(given, split="test") == path
     with pytest.raises(FileNotFoundError, match="python -m ds_moe_div eval --run-dir"):
         rundir.resolve_report(tmp_path, split="val")
+
+
+def test_run_configs_saved_before_the_autoep_default_read_as_native(tmp_path):
+    tag = _checkpoint(tmp_path, 3)
+    path = rundir.run_config_path(tag)
+    for model, want in (({"d_model": 64}, "native"), ({"backend": "autoep"}, "autoep"),
+                        ({"pretrained": "models/x"}, None)):
+        path.write_text(json.dumps({"step": 3, "config": {"model": model}}))
+        assert rundir.read_run_config(tag)["config"]["model"].get("backend") == want

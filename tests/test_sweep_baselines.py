@@ -53,6 +53,13 @@ def test_the_sweeps_cover_every_method_with_every_objective_set(path):
         if run.variant in wanted:
             _expect(run.config, run.variant)
             assert (run.parent is not None) == (path == POSTTRAIN)
+    # one MoE path: every run is dropless on AutoEP, except the one row that exists to measure token dropping
+    capacity = [run for run in plan.runs if run.variant == "gshard_capacity2"]
+    assert bool(capacity) == (path == SCRATCH)
+    for run in plan.runs:
+        model = run.config.model
+        assert model.uses_autoep == (run not in capacity), run.variant
+        assert run not in capacity or (model.moe.capacity_factor == 2.0 and model.moe.drop_tokens)
 
 
 @pytest.mark.slow

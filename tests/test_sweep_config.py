@@ -148,8 +148,8 @@ def test_confirmatory_sweeps_use_the_preregistered_settings(path):
         micro, gas = check_ds_config(ds, run.config, world_size=sweep.num_ranks, on_cpu=True)
         assert micro * gas * sweep.num_ranks >= 64
         assert run.config.data.packing == "mixed"
-        # capacity >= 2, or no capacity at all: an imported model runs AutoEP's dropless layer
-        assert run.config.model.pretrained is not None or run.config.model.moe.capacity_factor >= 2.0
+        # no token dropped: every confirmatory model runs AutoEP's dropless layer (PREREGISTRATION, deviation 1)
+        assert run.config.model.uses_autoep
         if run.variant == sweep.reference_variant or run.variant in ("baseline", "pretrain"):
             balance = run.config.objectives.balance
             assert balance.scope == "global_batch" and balance.coef == pytest.approx(1e-3)
