@@ -213,8 +213,9 @@ def check_shape(tag_dir: Path, current: dict) -> None:
     raise CheckpointError(
         f"checkpoint {tag_dir} was saved by {saved['world_size']} rank(s) with model.moe.ep_size={saved['ep_size']}, "
         f"but this run has {current['world_size']} rank(s) with ep_size={current['ep_size']}: the optimizer and "
-        f"expert states of DeepSpeed's native MoE layers cannot be resharded (imported Hugging Face models, "
-        f"model.pretrained on DeepSpeed's AutoEP, are resharded by --resume). Resume with {saved['world_size']} rank(s) and "
+        f"expert states of DeepSpeed's native MoE layers (model.backend='native') cannot be resharded (models on "
+        f"DeepSpeed's AutoEP layer, from scratch with model.backend='autoep' or imported with model.pretrained, are "
+        f"resharded by --resume). Resume with {saved['world_size']} rank(s) and "
         f"model.moe.ep_size={saved['ep_size']}, or start a new run from its weights only with "
         f"train.init_from={rundir.run_dir_of(tag_dir)} (no --resume; optimizer state and data position restart)")
 

@@ -1,7 +1,7 @@
-"""Resume an imported model's checkpoint on another cluster shape (world size, `model.moe.ep_size`).
+"""Resume an AutoEP model's checkpoint on another cluster shape (world size, `model.moe.ep_size`).
 
-Imported Hugging Face MoEs (`model.pretrained`) run DeepSpeed's AutoEP layers, whose checkpoints DeepSpeed
-can reshard: `ds_to_universal` merges every rank's ZeRO optimizer shards and expert files into a
+Imported Hugging Face MoEs (`model.pretrained`) and from-scratch models on the default path
+(`model.backend: "autoep"`) run DeepSpeed's AutoEP layers, whose checkpoints DeepSpeed can reshard: `ds_to_universal` merges every rank's ZeRO optimizer shards and expert files into a
 "universal" checkpoint, which an engine with `"checkpoint": {"load_universal": true}` loads at any world
 size and ep_size, Adam moments included. `--resume` does this by itself when the shape differs:
 
@@ -25,7 +25,8 @@ beside DeepSpeed's state:
 - the routing-statistics window is not part of any checkpoint (same as a same-shape resume): it starts
   empty at the resumed step (empty anyway when save_interval is a multiple of log_interval).
 
-Native DeepSpeed-MoE checkpoints cannot be resharded: checkpoint.check_shape refuses them.
+Native DeepSpeed-MoE checkpoints (`model.backend: "native"`) cannot be resharded: checkpoint.check_shape
+refuses them.
 """
 from __future__ import annotations
 
@@ -59,11 +60,12 @@ class Reshard:
 
 
 def plan(cfg, *, world_size: int) -> Reshard | None:
-    """The resharding a resume of `cfg` needs: None unless it resumes an imported (AutoEP) model whose tag
-    was saved with another world size or ep_size. (A LoRA run's checkpoint is its own per-rank trainable
-    state, hf/lora_checkpoint.py, not a DeepSpeed checkpoint: it is not resharded here.)"""
+    """The resharding a resume of `cfg` needs: None unless it resumes a model on DeepSpeed's AutoEP layer
+    (imported, or from scratch with model.backend "autoep", the default) whose tag was saved with another
+    world size or ep_size. (A LoRA run's checkpoint is its own per-rank trainable state,
+    hf/lora_checkpoint.py, not a DeepSpeed checkpoint: it is not resharded here.)"""
     train = cfg.train
-    if not train.resuming or not cfg.model.pretrained or cfg.model.lora is not None:
+    if not train.resuming or not cfg.model.uses_autoep or cfg.model.lora is not None:
         return None
     tag, _ = rundir.resume_tag(train.run_dir, train.resume_from)
     tag_dir = rundir.tag_dir(train.run_dir, tag)

@@ -1,4 +1,5 @@
-"""`--resume` of an imported (AutoEP) model on another cluster shape: 2 ranks EP=2 -> 1 rank EP=1 and back.
+"""`--resume` of an AutoEP model (imported, or from scratch on the default `model.backend: "autoep"`) on
+another cluster shape: 2 ranks EP=2 -> 1 rank EP=1 and back.
 
 Each direction: a run trains 2 steps on the saved shape (ZeRO-2, AdamW, Loss-Free Balancing, an `auto`
 variance coefficient, routing statistics), saves, records the logits on a fixed batch and goes on to step
@@ -27,6 +28,11 @@ pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore")
 ROOT = Path(__file__).resolve().parents[1]
 DS_ZERO2 = ROOT / "ds_configs" / "ds_zero2_cpu.json"
+SMOKE = ROOT / "ds_configs" / "experiments" / "smoke.json"
+# `pretrained` = SCRATCH: the smoke-sized from-scratch model (qwen3_moe on AutoEP) instead of an imported one,
+# with the objectives that depend on the cluster shape switched off (see the module docstring).
+SCRATCH = "scratch"
+SCRATCH_KEYS = ("objectives.z_loss.coef=0", "objectives.divergence.coef=0", "objectives.orthogonality.coef=0")
 IDS = torch.arange(2, 50).view(3, 16)
 # Step 3's AdamW update of each tensor, relative (Frobenius norm) to the reference's. Float reduction order
 # (1 vs 2 ranks) changes it by <= 1e-3 for most tensors and by ~1.7e-2 for the routers, whose gradients are
@@ -41,8 +47,9 @@ def _build(pretrained, run_dir, *, shape, extra=()):
     from ds_moe_div.session import build
 
     world_size, micro, gas = shape
-    cfg = load_experiment(None, [
-        f"model.pretrained={pretrained}", f"model.moe.ep_size={world_size}", "data.seq_len=16",
+    model = [*SCRATCH_KEYS, "model.backend=autoep"] if pretrained == SCRATCH else [f"model.pretrained={pretrained}"]
+    cfg = load_experiment(SMOKE if pretrained == SCRATCH else None, [
+        *model, f"model.moe.ep_size={world_size}", "data.seq_len=16",
         f"data.cache_dir={Path(run_dir).parent.parent / 'cache'}", f"train.run_dir={run_dir}", "train.steps=3",
         "train.log_interval=1", "train.eval_interval=100", "train.save_interval=100", "train.show_progress=false",
         f"train.micro_batch_size={micro}", f"train.gradient_accumulation_steps={gas}",
@@ -139,31 +146,34 @@ def references(tiny, tmp_path_factory):
     """Reference runs by saved shape, made on first use: (run dir with the step-2 tag, the run's results)."""
     made = {}
 
-    def get(shape):
-        if shape not in made:
+    def get(shape, model):
+        if (shape, model) not in made:
             run_dir = tmp_path_factory.mktemp("reference") / "run"
-            [ref, *_] = run_on_ranks(_reference, world_size=shape[0], timeout=600, args=(str(tiny), str(run_dir), shape))
-            made[shape] = run_dir, ref
-        return made[shape]
+            [ref, *_] = run_on_ranks(_reference, world_size=shape[0], timeout=600, args=(model, str(run_dir), shape))
+            made[shape, model] = run_dir, ref
+        return made[shape, model]
     return get
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("saved", "resumed"), [
-    ((2, 2, 1), (1, 4, 1)),  # 2 ranks EP=2 -> 1 rank EP=1, same micro-batch per optimizer step
-    ((2, 2, 1), (1, 2, 2)),  # ... with gradient accumulation: the data position moves from step 2 to 4
-    ((1, 4, 1), (2, 2, 1)),  # 1 rank EP=1 -> 2 ranks EP=2
-], ids=["2to1", "2to1-gas2", "1to2"])
-def test_resume_on_another_world_size_and_ep_size_continues_the_run(tiny, references, tmp_path, saved, resumed):
+@pytest.mark.parametrize(("saved", "resumed", "scratch"), [
+    ((2, 2, 1), (1, 4, 1), False),  # 2 ranks EP=2 -> 1 rank EP=1, same micro-batch per optimizer step
+    ((2, 2, 1), (1, 2, 2), False),  # ... with gradient accumulation: the data position moves from step 2 to 4
+    ((1, 4, 1), (2, 2, 1), False),  # 1 rank EP=1 -> 2 ranks EP=2
+    ((2, 2, 1), (1, 4, 1), True),   # a from-scratch model on the default AutoEP path, 2 -> 1
+], ids=["2to1", "2to1-gas2", "1to2", "scratch-2to1"])
+def test_resume_on_another_world_size_and_ep_size_continues_the_run(tiny, references, tmp_path, saved, resumed,
+                                                                     scratch):
     import shutil
 
-    reference_dir, ref = references(saved)
+    model = SCRATCH if scratch else str(tiny)
+    reference_dir, ref = references(saved, model)
     run_dir = tmp_path / "runs" / "run"
     shutil.copytree(reference_dir, run_dir, ignore=shutil.ignore_patterns("run.lock"))
     tag_dir = rundir.tag_dir(run_dir, "global_step2")
     assert json.loads(rundir.run_config_path(tag_dir).read_text())["shape"] == {"world_size": saved[0],
                                                                                  "ep_size": saved[0]}
-    [res, *_] = run_on_ranks(_resumed, world_size=resumed[0], timeout=600, args=(str(tiny), str(run_dir), resumed))
+    [res, *_] = run_on_ranks(_resumed, world_size=resumed[0], timeout=600, args=(model, str(run_dir), resumed))
     assert rundir.universal_dir(tag_dir).is_dir()  # converted once, kept for the next resume
     assert not list(tag_dir.glob(".universal.*")) and not (tag_dir / "latest_universal").exists()
     before, after = ref["at_save"], res["at_load"]
@@ -185,8 +195,8 @@ def test_resume_on_another_world_size_and_ep_size_continues_the_run(tiny, refere
     assert rundir.is_complete(rundir.checkpoint_root(run_dir), "global_step3")
     assert json.loads(rundir.run_config_path(saved3).read_text())["shape"] == {"world_size": resumed[0],
                                                                                 "ep_size": resumed[0]}
-    if resumed == (1, 4, 1):  # one case is enough (one more process start)
-        [again] = run_on_ranks(_continued, world_size=1, timeout=600, args=(str(tiny), str(run_dir), resumed))
+    if resumed == (1, 4, 1) and not scratch:  # one case is enough (one more process start)
+        [again] = run_on_ranks(_continued, world_size=1, timeout=600, args=(model, str(run_dir), resumed))
         assert again["step"] == 3 and not rundir.universal_dir(saved3).exists()
         torch.testing.assert_close(again["logits"], res["at_save3"]["logits"], rtol=0, atol=0)
 
@@ -223,7 +233,7 @@ def test_native_moe_checkpoints_are_refused_naming_the_autoep_way(tmp_path):
     with pytest.raises(rundir.CheckpointError) as error:
         checkpoint.check_shape(tag_dir, {"world_size": 1, "ep_size": 1})
     assert "saved by 2 rank(s) with model.moe.ep_size=2, but this run has 1 rank(s) with ep_size=1" in str(error.value)
-    assert "model.pretrained" in str(error.value) and "resharded by --resume" in str(error.value)
+    assert "model.backend='native'" in str(error.value) and "resharded by --resume" in str(error.value)
 
 
 def test_a_converted_tag_is_reused_unless_rewritten_and_a_failed_conversion_leaves_nothing(tmp_path):
