@@ -162,6 +162,17 @@ class RoutedMoE(MoE):
     def local_experts(self) -> torch.nn.ModuleList:
         return self.deepspeed_moe.experts.deepspeed_experts
 
+    @property
+    def router_weight(self) -> torch.nn.Parameter:
+        """The router's [E, M] weight (row e scores expert e)."""
+        return self.gate.wg.weight
+
+    def router_tensors(self) -> list[torch.Tensor]:
+        """Every per-expert routing tensor (expert on dim 0): the router's weight and the Loss-Free
+        `selection_bias` when there is one; a router permutation moves them together."""
+        bias = self.gate._buffers.get("selection_bias")  # selection_bias.BUFFER (that module imports this one)
+        return [self.gate.wg.weight] + ([bias] if bias is not None else [])
+
     def expert_parallel_group(self):
         """DeepSpeed's expert-parallel group of this layer (ranks that hold different experts)."""
         return groups._get_expert_parallel_group(self.expert_group_name)

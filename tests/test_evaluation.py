@@ -50,22 +50,28 @@ def test_derangements_move_every_row_and_are_reproducible():
 
 
 def _fake_layers(num_layers: int, num_experts: int = 4):
-    """Objects shaped like RoutedMoE where the permutation looks: layer.gate.wg.weight [E, M]."""
-    return [SimpleNamespace(gate=SimpleNamespace(wg=torch.nn.Linear(5, num_experts, bias=False)))
-            for _ in range(num_layers)]
+    """Objects shaped like RoutedMoE where the permutation looks: `router_tensors()` (weight [E, M], bias [E])."""
+    layers = []
+    for _ in range(num_layers):
+        gate, bias = torch.nn.Linear(5, num_experts, bias=False), torch.randn(num_experts)
+        layers.append(SimpleNamespace(gate=SimpleNamespace(wg=gate), bias=bias,
+                                      router_tensors=lambda gate=gate, bias=bias: [gate.weight, bias]))
+    return layers
 
 
 def test_permuted_routers_permute_rows_then_restore_bit_identically():
     layers = _fake_layers(2)
     before = [layer.gate.wg.weight.detach().clone() for layer in layers]
     perm = torch.tensor([1, 2, 3, 0])
+    biases = [layer.bias.clone() for layer in layers]
     with permuted_routers(layers, [perm, None]):
-        assert torch.equal(layers[0].gate.wg.weight, before[0][perm])
-        assert torch.equal(layers[1].gate.wg.weight, before[1])
+        assert torch.equal(layers[0].gate.wg.weight, before[0][perm]) and torch.equal(layers[0].bias, biases[0][perm])
+        assert torch.equal(layers[1].gate.wg.weight, before[1]) and torch.equal(layers[1].bias, biases[1])
     assert all(torch.equal(layer.gate.wg.weight, b) for layer, b in zip(layers, before))
     with pytest.raises(RuntimeError), permuted_routers(layers, [perm, perm]):
         raise RuntimeError("a failing pass")
     assert all(torch.equal(layer.gate.wg.weight, b) for layer, b in zip(layers, before))
+    assert all(torch.equal(layer.bias, b) for layer, b in zip(layers, biases))
 
 
 def test_summarize_deltas_mean_and_sample_std():

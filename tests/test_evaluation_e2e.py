@@ -67,7 +67,7 @@ def _identity_and_restore(run_dir) -> dict:
 
     base = sums()
     def weight(layer):  # AutoEP router (the default path) or DeepSpeed's native gate
-        return layer.router_weight if hasattr(layer, "router_weight") else layer.gate.wg.weight
+        return layer.router_weight
 
     before = [weight(layer).detach().clone() for layer in layers]
     with permuted_routers(layers, [torch.arange(len(before[0]))] * len(layers)):

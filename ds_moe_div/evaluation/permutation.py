@@ -1,7 +1,8 @@
 """Router-permutation delta-PPL (methods spec, section 7; paper 2, Fig. 3).
 
-For one MoE layer at a time, the rows of its router (`gate.wg.weight` [E, M], one row per expert) are
-permuted and the experts left as they are: a token is now sent to other experts than it was trained
+For one MoE layer at a time, the rows of its router ([E, M], one row per expert) are permuted together
+with every per-expert selection bias the layer carries (Loss-Free Balancing's bias, DeepSeek-V3's
+`e_score_correction_bias`: the layer's `router_tensors()`), and the experts left as they are: a token is now sent to other experts than it was trained
 with. delta-PPL = PPL(permuted) - PPL, per domain and overall, averaged over seeds. Large = the layer's
 experts are not interchangeable; ~0 = they are. The whole-model variant permutes every layer at once.
 
@@ -42,7 +43,8 @@ def draw_permutations(num_layers: int, num_experts: int, seeds: Sequence[int]) -
 
 @contextlib.contextmanager
 def permuted_routers(layers: Sequence, perms: Sequence[torch.Tensor | None]):
-    """Within the block, router row j of layers[i] holds what row perms[i][j] held (None: untouched)."""
+    """Within the block, router row j of layers[i] (and entry j of each selection bias) holds what row
+    perms[i][j] held (None: untouched)."""
     if len(layers) != len(perms):
         raise ValueError(f"{len(perms)} permutations for {len(layers)} layers")
     saved = []
@@ -51,16 +53,15 @@ def permuted_routers(layers: Sequence, perms: Sequence[torch.Tensor | None]):
             for layer, perm in zip(layers, perms):
                 if perm is None:
                     continue
-                # DeepSpeed-MoE gate, or an imported model's AutoEP router (ds_moe_div.hf.autoep)
-                weight = layer.router_weight if hasattr(layer, "router_weight") else layer.gate.wg.weight
-                original = weight.detach().clone()
-                saved.append((weight, original))
-                weight.copy_(original[perm.to(weight.device)])
+                for tensor in layer.router_tensors():  # native gate (moe.py) or AutoEP router (hf/autoep.py)
+                    original = tensor.detach().clone()
+                    saved.append((tensor, original))
+                    tensor.copy_(original[perm.to(tensor.device)])
         yield
     finally:
         with torch.no_grad():
-            for weight, original in saved:
-                weight.copy_(original)
+            for tensor, original in saved:
+                tensor.copy_(original)
 
 
 def _spread(values) -> dict:

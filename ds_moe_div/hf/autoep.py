@@ -142,6 +142,14 @@ class RoutingAutoEPLayer(AutoEPMoELayer):
         """The router's [E, H] weight (row e scores expert e)."""
         return self.router.gate.weight
 
+    def router_tensors(self) -> list[torch.Tensor]:
+        """Every per-expert routing tensor (expert on dim 0): the router's weight (and bias), DeepSeek-V3's
+        selection-only `e_score_correction_bias` and the Loss-Free `expert_bias`, when present; a router
+        permutation moves them together, or the permuted router would select with another expert's bias."""
+        tensors = (self.router.gate.weight, getattr(self.router.gate, "bias", None),
+                   getattr(self.router, "e_score_correction_bias", None), getattr(self, "expert_bias", None))
+        return [t for t in tensors if torch.is_tensor(t)]
+
     def expert_parallel_group(self):
         """DeepSpeed's expert-parallel group of this layer (ranks holding different experts)."""
         from deepspeed.utils import groups
