@@ -5,7 +5,6 @@
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -13,10 +12,9 @@ from pathlib import Path
 import pytest
 
 from tests.dist_utils import run_command, run_on_ranks
+from tests.train_utils import train_smoke
 
 ROOT = Path(__file__).resolve().parents[1]
-SMOKE = ROOT / "ds_configs" / "experiments" / "smoke.json"
-DS_ZERO2 = ROOT / "ds_configs" / "ds_zero2_cpu.json"
 STEPS = 2
 
 pytestmark = pytest.mark.slow
@@ -32,20 +30,7 @@ def _batch():
 def _train_ep2(rank, world_size, run_dir):
     import torch
 
-    from ds_moe_div.config import load_experiment
-    from ds_moe_div.session import build
-    from ds_moe_div.train import train_step
-
-    cfg = load_experiment(SMOKE, [f"train.run_dir={run_dir}", "train.show_progress=false", f"train.steps={STEPS}",
-                                  "model.moe.ep_size=2"])
-    ds = json.loads(DS_ZERO2.read_text())
-    ds["scheduler"]["params"].update(total_num_steps=STEPS, warmup_num_steps=1)
-    state = build(cfg, ds)
-    for _ in range(STEPS):
-        train_step(state.engine, state.train_iter, state.composer, state.window, step=state.step)
-        state.step += 1
-        state.window.reset()
-    state.save()
+    state = train_smoke(run_dir, steps=STEPS, overrides=["model.moe.ep_size=2"])
     state.engine.eval()
     ids, labels = _batch()  # the same batch on both ranks: each rank's experts serve both
     with torch.no_grad():
